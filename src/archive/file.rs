@@ -1,0 +1,159 @@
+//! Regular file data: full blocks (compressed, stored or sparse) and the tail kept in a
+//! fragment block shared with other files.
+
+use std::sync::Arc;
+
+use crate::cache::{Block, BlockKey, BlockKind};
+use crate::error::{Error, Result};
+
+use super::inode::FileInfo;
+use super::Archive;
+
+/// Bit of a block size word that marks data stored uncompressed.
+const STORED: u32 = 1 << 24;
+
+/// One block of file data: a cached decompressed block (or a slice of a fragment), or
+/// zeros for a sparse block.
+pub enum BlockData {
+    Cached { block: Arc<Block>, start: usize, len: usize },
+    Zeros(usize),
+}
+
+impl BlockData {
+    pub fn len(&self) -> usize {
+        match self {
+            BlockData::Cached { len, .. } => *len,
+            BlockData::Zeros(n) => *n,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copy `[from, from + out.len())` of this block into `out`.
+    pub fn copy_to(&self, from: usize, out: &mut [u8]) {
+        match self {
+            BlockData::Cached { block, start, .. } => {
+                out.copy_from_slice(&block.data[start + from..start + from + out.len()])
+            }
+            BlockData::Zeros(_) => out.fill(0),
+        }
+    }
+    /// The bytes, when not sparse.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            BlockData::Cached { block, start, len } => Some(&block.data[*start..start + len]),
+            BlockData::Zeros(_) => None,
+        }
+    }
+}
+
+impl FileInfo {
+    /// Number of blocks including the fragment tail.
+    pub fn block_count(&self, block_size: u32) -> u64 {
+        self.file_size.div_ceil(block_size as u64)
+    }
+}
+
+impl Archive {
+    /// Block `index` of a file, `index` < `file.block_count()`.
+    pub fn file_block(&self, file: &FileInfo, index: u64) -> Result<BlockData> {
+        let bs = self.sb.block_size as u64;
+        let start = index
+            .checked_mul(bs)
+            .filter(|&s| s < file.file_size)
+            .ok_or_else(|| Error::corrupt(format!("file block {index} requested past the end")))?;
+        let expected = (file.file_size - start).min(bs) as usize;
+        if let Some(&word) = file.block_sizes.get(index as usize) {
+            let disk_len = word & !STORED;
+            if disk_len == 0 {
+                return Ok(BlockData::Zeros(expected));
+            }
+            let pos = file.block_offsets[index as usize];
+            let block = self.data_block(BlockKind::Data, pos, word, expected)?;
+            if block.data.len() != expected {
+                return Err(Error::corrupt(format!(
+                    "data block at byte {pos} holds {} bytes, expected {expected}",
+                    block.data.len()
+                )));
+            }
+            return Ok(BlockData::Cached { block, start: 0, len: expected });
+        }
+        let frag = file
+            .fragment
+            .filter(|_| index as usize == file.block_sizes.len())
+            .ok_or_else(|| Error::corrupt("file has fewer blocks than its size needs"))?;
+        let (pos, word) = self.fragment_entry(frag.index)?;
+        let block = self.data_block(BlockKind::Fragment, pos, word, self.sb.block_size as usize)?;
+        let from = frag.offset as usize;
+        if from.checked_add(expected).is_none_or(|end| end > block.data.len()) {
+            return Err(Error::corrupt(format!(
+                "file tail [{from}, +{expected}) lies outside fragment {} ({} bytes)",
+                frag.index,
+                block.data.len()
+            )));
+        }
+        Ok(BlockData::Cached { block, start: from, len: expected })
+    }
+
+    /// Image offset and size word of fragment block `index`.
+    fn fragment_entry(&self, index: u32) -> Result<(u64, u32)> {
+        let mut e = [0u8; 16];
+        self.fragments.read_entry(self, index as u64, &mut e)?;
+        let pos = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes"));
+        let word = u32::from_le_bytes(e[8..12].try_into().expect("4 bytes"));
+        Ok((pos, word))
+    }
+
+    /// A data or fragment block through the cache. `max` bounds the decompressed size.
+    fn data_block(&self, kind: BlockKind, pos: u64, word: u32, max: usize) -> Result<Arc<Block>> {
+        let key = BlockKey { kind, offset: pos };
+        self.cache.get_or_load(key, || self.load_data_block(pos, word, max))
+    }
+
+    /// Read and decompress one data block (no cache). Used by read-ahead too.
+    pub(crate) fn load_data_block(&self, pos: u64, word: u32, max: usize) -> Result<Block> {
+        let disk_len = (word & 0x00ff_ffff) as usize;
+        if word >> 25 != 0 || disk_len == 0 || disk_len > self.sb.block_size as usize {
+            return Err(Error::corrupt(format!("data block at byte {pos} has size word {word:#x}")));
+        }
+        if pos.checked_add(disk_len as u64).is_none_or(|e| e > self.sb.bytes_used) {
+            return Err(Error::corrupt(format!("data block at byte {pos} runs past the end of the image")));
+        }
+        let mut raw = vec![0u8; disk_len];
+        self.read_at(&mut raw, pos)?;
+        let data: Box<[u8]> = if word & STORED != 0 {
+            if disk_len > max {
+                return Err(Error::corrupt(format!("stored block at byte {pos} is larger than expected")));
+            }
+            raw.into_boxed_slice()
+        } else {
+            let mut out = Vec::with_capacity(max);
+            self.sb
+                .compressor
+                .decompress(&raw, &mut out, max)
+                .map_err(|detail| Error::Decompress { compressor: self.sb.compressor.name(), offset: pos, detail })?;
+            out.into_boxed_slice()
+        };
+        Ok(Block { data, disk_len: disk_len as u32 })
+    }
+
+    /// Read up to `buf.len()` bytes at `offset`; returns the count (0 at end of file).
+    pub fn read_file_at(&self, file: &FileInfo, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if offset >= file.file_size {
+            return Ok(0);
+        }
+        let bs = self.sb.block_size as u64;
+        let want = (buf.len() as u64).min(file.file_size - offset) as usize;
+        let mut done = 0usize;
+        while done < want {
+            let at = offset + done as u64;
+            let index = at / bs;
+            let within = (at % bs) as usize;
+            let block = self.file_block(file, index)?;
+            let n = (block.len() - within).min(want - done);
+            block.copy_to(within, &mut buf[done..done + n]);
+            done += n;
+        }
+        Ok(done)
+    }
+}

@@ -1,0 +1,207 @@
+//! The lazy SquashFS 4.0 reader. Opening reads the superblock, the compressor options and
+//! the root inode; every table index, inode, directory and block is read on first use and
+//! kept in the shared block cache. One file per on-disk structure, as in squashfuse.
+
+pub mod dir;
+pub mod file;
+pub mod inode;
+pub mod metadata;
+pub mod superblock;
+pub mod table;
+pub mod xattr;
+
+use std::sync::Arc;
+
+use crate::cache::BlockCache;
+use crate::error::{Error, Result};
+use crate::source::ReadAt;
+
+pub use dir::DirEntry;
+pub use file::BlockData;
+pub use inode::{DirInfo, FileInfo, FileKind, Inode, InodeBody, InodeRef};
+pub use superblock::{CompressorOptions, Superblock};
+pub use xattr::Xattr;
+
+use metadata::{MetaPos, MetadataReader};
+use superblock::{flags, NO_TABLE, SUPERBLOCK_LEN};
+use table::LookupTable;
+
+/// Default cache budget: 64 MiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
+
+/// An open SquashFS image.
+pub struct Archive {
+    source: Arc<dyn ReadAt>,
+    pub(crate) sb: Superblock,
+    options: Option<CompressorOptions>,
+    pub(crate) cache: BlockCache,
+    ids: LookupTable,
+    fragments: LookupTable,
+    exports: Option<LookupTable>,
+    xattr: xattr::XattrSlot,
+    root: Inode,
+}
+
+impl std::fmt::Debug for Archive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Archive").field("superblock", &self.sb).finish_non_exhaustive()
+    }
+}
+
+impl Archive {
+    /// Open the SquashFS image that fills `source`, with a block cache of `cache_bytes`.
+    pub fn open(source: Arc<dyn ReadAt>, cache_bytes: u64) -> Result<Archive> {
+        let mut raw = [0u8; SUPERBLOCK_LEN];
+        if source.len() < SUPERBLOCK_LEN as u64 {
+            return Err(Error::NotAnImage(format!(
+                "{} bytes is too small for a SquashFS superblock",
+                source.len()
+            )));
+        }
+        source
+            .read_exact_at(&mut raw, 0)
+            .map_err(|e| Error::Read { offset: 0, source: e })?;
+        let sb = Superblock::parse(&raw, source.len())?;
+        let ids = LookupTable::new("id table", sb.id_table, sb.id_count as u64, 4);
+        let fragments = LookupTable::new(
+            "fragment table",
+            if sb.fragment_table == NO_TABLE { 0 } else { sb.fragment_table },
+            if sb.fragment_table == NO_TABLE { 0 } else { sb.fragment_count as u64 },
+            16,
+        );
+        let exports = (sb.export_table != NO_TABLE)
+            .then(|| LookupTable::new("export table", sb.export_table, sb.inode_count as u64, 8));
+        let mut archive = Archive {
+            source,
+            sb,
+            options: None,
+            cache: BlockCache::new(cache_bytes),
+            ids,
+            fragments,
+            exports,
+            xattr: Default::default(),
+            // Replaced below once the reader can decode it.
+            root: placeholder_root(),
+        };
+        if archive.sb.has(flags::COMPRESSOR_OPTIONS) {
+            let mut r = MetadataReader::new(&archive, MetaPos { block: SUPERBLOCK_LEN as u64, offset: 0 });
+            let mut b = [0u8; 8];
+            let n = match archive.sb.compressor {
+                crate::codec::Compressor::Zstd => 4,
+                _ => 8,
+            };
+            r.read(&mut b[..n])?;
+            archive.options = Some(CompressorOptions::parse(archive.sb.compressor, &b[..n])?);
+        }
+        let root = archive.inode(InodeRef(archive.sb.root_inode))?;
+        if root.kind != FileKind::Directory {
+            return Err(Error::corrupt("the root inode is not a directory"));
+        }
+        archive.root = root;
+        Ok(archive)
+    }
+
+    /// The validated superblock.
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    /// Compressor options, when the image stores them.
+    pub fn compressor_options(&self) -> Option<&CompressorOptions> {
+        self.options.as_ref()
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Inode {
+        &self.root
+    }
+
+    /// The shared block cache.
+    pub fn cache(&self) -> &BlockCache {
+        &self.cache
+    }
+
+    /// The image bytes.
+    pub fn source(&self) -> &Arc<dyn ReadAt> {
+        &self.source
+    }
+
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.source
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::Read { offset, source: e })
+    }
+
+    /// The inode reference of inode number `number`, through the export table (absent
+    /// when the image was made with -no-exports).
+    pub fn inode_ref_by_number(&self, number: u32) -> Result<Option<InodeRef>> {
+        let Some(t) = &self.exports else { return Ok(None) };
+        if number == 0 {
+            return Ok(None);
+        }
+        let mut b = [0u8; 8];
+        t.read_entry(self, number as u64 - 1, &mut b)?;
+        Ok(Some(InodeRef(u64::from_le_bytes(b))))
+    }
+
+    /// Resolve a path inside the image (`/` separated, relative to the root; symlinks are
+    /// not followed).
+    pub fn resolve(&self, path: &[u8]) -> Result<Inode> {
+        let mut cur = self.root.clone();
+        let mut walked = Vec::new();
+        for comp in path.split(|&c| c == b'/').filter(|c| !c.is_empty() && *c != b".") {
+            walked.push(String::from_utf8_lossy(comp).into_owned());
+            if comp == b".." {
+                return Err(Error::NotFound(format!("/{}: '..' is not supported in image paths", walked.join("/"))));
+            }
+            if cur.kind != FileKind::Directory {
+                return Err(Error::NotADirectory(format!("/{}", walked[..walked.len() - 1].join("/"))));
+            }
+            let entry = self
+                .lookup(&cur, comp)?
+                .ok_or_else(|| Error::NotFound(format!("/{}", walked.join("/"))))?;
+            cur = self.inode(entry.iref)?;
+        }
+        Ok(cur)
+    }
+
+    /// Statistics for statfs.
+    pub fn statfs(&self) -> StatFs {
+        // What the kernel's squashfs_statfs reports on a loop device: 1 KiB device blocks.
+        StatFs {
+            block_size: STATFS_BLOCK,
+            blocks: self.sb.bytes_used.div_ceil(STATFS_BLOCK as u64),
+            files: self.sb.inode_count as u64,
+            name_max: dir::MAX_NAME as u32,
+        }
+    }
+}
+
+/// The device block size the kernel driver uses on a loop device (SQUASHFS_DEVBLK_SIZE).
+const STATFS_BLOCK: u32 = 1024;
+
+/// Figures statfs reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    pub block_size: u32,
+    pub blocks: u64,
+    pub files: u64,
+    pub name_max: u32,
+}
+
+fn placeholder_root() -> Inode {
+    Inode {
+        iref: InodeRef(0),
+        number: 0,
+        kind: FileKind::Directory,
+        permissions: 0,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        nlink: 0,
+        xattr_index: None,
+        extended: false,
+        body: InodeBody::Ipc,
+    }
+}
+

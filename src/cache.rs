@@ -1,0 +1,161 @@
+//! The concurrent, byte-budgeted cache of decompressed blocks.
+//!
+//! quick_cache is sharded (no global lock) and weighs entries by their byte size. Its
+//! placeholder guards mean a thread that asks for a block another thread is decompressing
+//! waits for that result instead of decompressing the block a second time.
+
+use std::sync::Arc;
+
+use quick_cache::sync::Cache;
+use quick_cache::Weighter;
+
+/// Which table or area a block belongs to; blocks are keyed by kind and disk offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockKind {
+    Metadata,
+    Fragment,
+    Data,
+}
+
+/// Cache key: the block's kind and its byte offset in the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    pub kind: BlockKind,
+    pub offset: u64,
+}
+
+/// A decompressed block and how many bytes it occupies on disk (metadata blocks are
+/// chained: the next one starts right after this one's on-disk bytes).
+#[derive(Debug)]
+pub struct Block {
+    pub data: Box<[u8]>,
+    pub disk_len: u32,
+}
+
+#[derive(Clone)]
+struct ByteWeighter;
+
+impl Weighter<BlockKey, Arc<Block>> for ByteWeighter {
+    fn weight(&self, _key: &BlockKey, val: &Arc<Block>) -> u64 {
+        // Count a little bookkeeping per entry so tiny blocks still cost something.
+        val.data.len() as u64 + 64
+    }
+}
+
+/// Decompressed blocks, shared by every reader of one archive.
+pub struct BlockCache {
+    cache: Cache<BlockKey, Arc<Block>, ByteWeighter>,
+    budget: u64,
+}
+
+impl BlockCache {
+    /// A cache holding up to `budget_bytes` of decompressed data.
+    pub fn new(budget_bytes: u64) -> Self {
+        // quick_cache wants an item estimate for its table sizing; assume 32 KiB blocks.
+        let items = (budget_bytes / 32768).clamp(16, 1 << 20) as usize;
+        BlockCache {
+            cache: Cache::with_weighter(items, budget_bytes.max(1), ByteWeighter),
+            budget: budget_bytes,
+        }
+    }
+
+    /// The block for `key`, loading it with `load` if it is not cached. Concurrent callers
+    /// for the same key wait for the one load. A failed load caches nothing.
+    pub fn get_or_load<E>(
+        &self,
+        key: BlockKey,
+        load: impl FnOnce() -> Result<Block, E>,
+    ) -> Result<Arc<Block>, E> {
+        self.cache.get_or_insert_with(&key, || load().map(Arc::new))
+    }
+
+    /// The block for `key` if cached.
+    pub fn get(&self, key: &BlockKey) -> Option<Arc<Block>> {
+        self.cache.get(key)
+    }
+
+    /// Insert a block loaded elsewhere (read-ahead).
+    pub fn insert(&self, key: BlockKey, block: Block) {
+        self.cache.insert(key, Arc::new(block));
+    }
+
+    /// Bytes currently held.
+    pub fn weight(&self) -> u64 {
+        self.cache.weight()
+    }
+
+    /// The byte budget.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn key(offset: u64) -> BlockKey {
+        BlockKey {
+            kind: BlockKind::Data,
+            offset,
+        }
+    }
+
+    #[test]
+    fn stays_within_budget() {
+        let c = BlockCache::new(1 << 20);
+        for i in 0..100 {
+            c.get_or_load::<()>(key(i), || {
+                Ok(Block {
+                    data: vec![0u8; 64 << 10].into(),
+                    disk_len: 1,
+                })
+            })
+            .unwrap();
+        }
+        assert!(c.weight() <= 1 << 20, "weight {}", c.weight());
+    }
+
+    #[test]
+    fn concurrent_callers_load_once() {
+        let c = Arc::new(BlockCache::new(1 << 20));
+        let loads = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let c = c.clone();
+                let loads = loads.clone();
+                std::thread::spawn(move || {
+                    c.get_or_load::<()>(key(7), || {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        Ok(Block {
+                            data: vec![7u8; 10].into(),
+                            disk_len: 1,
+                        })
+                    })
+                    .unwrap()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(&t.join().unwrap().data[..], &[7u8; 10]);
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn failed_load_is_not_cached() {
+        let c = BlockCache::new(1 << 20);
+        assert!(c.get_or_load(key(1), || Err::<Block, _>("bad")).is_err());
+        let b = c
+            .get_or_load::<()>(key(1), || {
+                Ok(Block {
+                    data: vec![1].into(),
+                    disk_len: 1,
+                })
+            })
+            .unwrap();
+        assert_eq!(&b.data[..], &[1]);
+    }
+}
