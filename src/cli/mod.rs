@@ -1,0 +1,95 @@
+//! The command line: clap definitions (also used to generate the man page and shell
+//! completions) and the commands that run on the archive layer directly.
+
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use commands::run;
+
+/// Mount SquashFS and SIF container images read-only over FUSE, exactly as the kernel's
+/// squashfs driver shows them; inspect, list and extract them without mounting.
+#[derive(Debug, Parser)]
+#[command(name = "sifuse", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Which image inside the file to use.
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// The image: a SIF file, a SquashFS file, or /proc/self/fd/N
+    pub image: PathBuf,
+    /// Byte offset of a SquashFS image inside IMAGE
+    #[arg(long, value_name = "N", conflicts_with = "partition")]
+    pub offset: Option<u64>,
+    /// SIF partition to use, by descriptor id or name (default: the primary system partition)
+    #[arg(long, value_name = "ID|NAME")]
+    pub partition: Option<String>,
+}
+
+impl ImageArgs {
+    pub fn spec(&self) -> sifuse::image::ImageSpec {
+        sifuse::image::ImageSpec {
+            path: self.image.clone(),
+            offset: self.offset,
+            partition: self.partition.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show the SIF header and descriptors, and the SquashFS superblock
+    Inspect {
+        #[command(flatten)]
+        image: ImageArgs,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a directory inside the image
+    Ls {
+        #[command(flatten)]
+        image: ImageArgs,
+        /// Path inside the image
+        #[arg(default_value = "/")]
+        path: String,
+        /// Long listing: mode, links, owner, group, size, mtime, inode
+        #[arg(short = 'l', long)]
+        long: bool,
+        /// List subdirectories recursively
+        #[arg(short = 'R', long)]
+        recursive: bool,
+    },
+    /// Show the attributes of a path inside the image
+    Stat {
+        #[command(flatten)]
+        image: ImageArgs,
+        /// Path inside the image
+        path: String,
+    },
+    /// Write a file from the image to standard output
+    Cat {
+        #[command(flatten)]
+        image: ImageArgs,
+        /// Path inside the image
+        path: String,
+    },
+    /// Extract the image (or PATH inside it) to DEST, as unsquashfs -d does
+    Extract {
+        #[command(flatten)]
+        image: ImageArgs,
+        /// Destination directory: must not exist, or be empty
+        dest: PathBuf,
+        /// Path inside the image to extract
+        #[arg(default_value = "/")]
+        path: String,
+        /// Never show a progress bar
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+}
