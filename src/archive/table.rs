@@ -36,6 +36,11 @@ impl LookupTable {
         self.count
     }
 
+    /// True when the table has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     fn index(&self, archive: &Archive) -> Result<&[u64]> {
         if let Some(i) = self.index.get() {
             return Ok(i);

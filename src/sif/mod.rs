@@ -8,7 +8,7 @@
 
 mod writer;
 
-pub use writer::{SifWriter, WriterObject};
+pub use writer::{ObjectData, SifWriter, WriterObject};
 
 use std::fmt;
 
@@ -579,3 +579,6 @@ impl fmt::Display for Descriptor {
     }
 }
 
+
+#[cfg(test)]
+mod tests;
