@@ -205,3 +205,6 @@ fn placeholder_root() -> Inode {
     }
 }
 
+
+#[cfg(test)]
+mod tests;
