@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use sifuse::sif::{arch_code, host_arch, DataType, FsType, PartType, PartitionInfo, SifWriter, WriterObject};
+use sifuse::sif::{
+    arch_code, host_arch, DataType, FsType, PartType, PartitionInfo, SifWriter, WriterObject,
+};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -19,7 +21,11 @@ fn main() {
     };
     let w = SifWriter {
         objects: vec![
-            WriterObject::bytes(DataType::Deffile, "", b"bootstrap: localimage\nfrom: busybox\n".to_vec()),
+            WriterObject::bytes(
+                DataType::Deffile,
+                "",
+                b"bootstrap: localimage\nfrom: busybox\n".to_vec(),
+            ),
             WriterObject::partition("rootfs", PathBuf::from(&args[1]), info),
         ],
         arch: arch.to_string(),

@@ -62,9 +62,13 @@ impl Compressor {
             Compressor::Lzo => {
                 // lzokay-native has no output bound of its own; LZO's worst-case expansion
                 // from one (at most 1 MiB) block is bounded, and the result is checked here.
-                let v = lzokay_native::decompress_all(input, Some(max_out)).map_err(|e| format!("{e:?}"))?;
+                let v = lzokay_native::decompress_all(input, Some(max_out))
+                    .map_err(|e| format!("{e:?}"))?;
                 if v.len() > max_out {
-                    return Err(format!("output of {} bytes exceeds the block size {max_out}", v.len()));
+                    return Err(format!(
+                        "output of {} bytes exceeds the block size {max_out}",
+                        v.len()
+                    ));
                 }
                 *out = v;
                 Ok(())
@@ -104,7 +108,9 @@ fn zstd_block(input: &[u8], out: &mut Vec<u8>, max_out: usize) -> Result<(), Str
         }
         let d = slot.as_mut().expect("initialised above");
         out.resize(max_out, 0);
-        let n = d.decompress_to_buffer(input, out.as_mut_slice()).map_err(|e| e.to_string())?;
+        let n = d
+            .decompress_to_buffer(input, out.as_mut_slice())
+            .map_err(|e| e.to_string())?;
         out.truncate(n);
         Ok(())
     })
@@ -114,7 +120,12 @@ fn zstd_block(input: &[u8], out: &mut Vec<u8>, max_out: usize) -> Result<(), Str
 /// block size (1 MiB); allow generous headroom, but not gigabytes from a hostile header.
 const LZMA_MEMLIMIT: u64 = 64 << 20;
 
-fn lzma_family(input: &[u8], out: &mut Vec<u8>, max_out: usize, legacy: bool) -> Result<(), String> {
+fn lzma_family(
+    input: &[u8],
+    out: &mut Vec<u8>,
+    max_out: usize,
+    legacy: bool,
+) -> Result<(), String> {
     use liblzma::stream::{Action, Status, Stream};
     let mut s = if legacy {
         Stream::new_lzma_decoder(LZMA_MEMLIMIT)
@@ -154,7 +165,9 @@ mod tests {
     use std::io::Write;
 
     fn sample() -> Vec<u8> {
-        (0..20_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
+        (0..20_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect()
     }
 
     #[test]
@@ -164,13 +177,21 @@ mod tests {
         e.write_all(&data).unwrap();
         let c = e.finish().unwrap();
         let mut out = Vec::new();
-        Compressor::Gzip.decompress(&c, &mut out, data.len()).unwrap();
+        Compressor::Gzip
+            .decompress(&c, &mut out, data.len())
+            .unwrap();
         assert_eq!(out, data);
         // Twice on the same thread: the context is reused.
-        Compressor::Gzip.decompress(&c, &mut out, data.len()).unwrap();
+        Compressor::Gzip
+            .decompress(&c, &mut out, data.len())
+            .unwrap();
         assert_eq!(out, data);
-        assert!(Compressor::Gzip.decompress(&c, &mut out, data.len() - 1).is_err());
-        assert!(Compressor::Gzip.decompress(&c[..c.len() / 2], &mut out, data.len()).is_err());
+        assert!(Compressor::Gzip
+            .decompress(&c, &mut out, data.len() - 1)
+            .is_err());
+        assert!(Compressor::Gzip
+            .decompress(&c[..c.len() / 2], &mut out, data.len())
+            .is_err());
     }
 
     #[test]
@@ -178,7 +199,9 @@ mod tests {
         let data = sample();
         let c = zstd::bulk::compress(&data, 3).unwrap();
         let mut out = Vec::new();
-        Compressor::Zstd.decompress(&c, &mut out, data.len()).unwrap();
+        Compressor::Zstd
+            .decompress(&c, &mut out, data.len())
+            .unwrap();
         assert_eq!(out, data);
         assert!(Compressor::Zstd.decompress(&c, &mut out, 100).is_err());
     }
@@ -193,7 +216,9 @@ mod tests {
         Compressor::Xz.decompress(&c, &mut out, data.len()).unwrap();
         assert_eq!(out, data);
         assert!(Compressor::Xz.decompress(&c, &mut out, 1000).is_err());
-        assert!(Compressor::Xz.decompress(b"garbage", &mut out, 1000).is_err());
+        assert!(Compressor::Xz
+            .decompress(b"garbage", &mut out, 1000)
+            .is_err());
     }
 
     #[test]
@@ -201,7 +226,9 @@ mod tests {
         let data = sample();
         let c = lz4_flex::block::compress(&data);
         let mut out = Vec::new();
-        Compressor::Lz4.decompress(&c, &mut out, data.len()).unwrap();
+        Compressor::Lz4
+            .decompress(&c, &mut out, data.len())
+            .unwrap();
         assert_eq!(out, data);
         assert!(Compressor::Lz4.decompress(&c, &mut out, 10).is_err());
     }
@@ -209,7 +236,9 @@ mod tests {
     #[test]
     fn lzo_rejects_garbage() {
         let mut out = Vec::new();
-        assert!(Compressor::Lzo.decompress(&[0xff, 0x00, 0x01], &mut out, 4096).is_err());
+        assert!(Compressor::Lzo
+            .decompress(&[0xff, 0x00, 0x01], &mut out, 4096)
+            .is_err());
     }
 
     #[test]

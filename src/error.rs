@@ -36,7 +36,9 @@ pub enum Error {
     Corrupt(String),
 
     /// A compressed block did not decompress to what the image promised.
-    #[error("corrupt SquashFS image: {compressor} block at byte {offset} does not decompress: {detail}")]
+    #[error(
+        "corrupt SquashFS image: {compressor} block at byte {offset} does not decompress: {detail}"
+    )]
     Decompress {
         compressor: &'static str,
         offset: u64,

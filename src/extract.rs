@@ -50,17 +50,29 @@ pub struct ExtractStats {
 
 fn io_at(path: &Path, what: &str, e: impl Into<io::Error>) -> Error {
     let e: io::Error = e.into();
-    Error::Io(io::Error::new(e.kind(), format!("{what} {}: {e}", path.display())))
+    Error::Io(io::Error::new(
+        e.kind(),
+        format!("{what} {}: {e}", path.display()),
+    ))
 }
 
 /// Extract the tree at `source` (a path inside the image) to `dest`, which must not exist
 /// or be an empty directory; `dest` takes the attributes of `source`.
-pub fn extract(archive: &Archive, source: &[u8], dest: &Path, opts: &ExtractOptions) -> Result<ExtractStats> {
+pub fn extract(
+    archive: &Archive,
+    source: &[u8],
+    dest: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractStats> {
     let start = archive.resolve(source)?;
     match fs::read_dir(dest) {
         Ok(mut it) => {
             if it.next().is_some() {
-                return Err(io_at(dest, "refusing to extract into non-empty directory", io::Error::from(io::ErrorKind::AlreadyExists)));
+                return Err(io_at(
+                    dest,
+                    "refusing to extract into non-empty directory",
+                    io::Error::from(io::ErrorKind::AlreadyExists),
+                ));
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -76,8 +88,10 @@ pub fn extract(archive: &Archive, source: &[u8], dest: &Path, opts: &ExtractOpti
     if opts.progress {
         let bar = indicatif::ProgressBar::new(archive.superblock().inode_count as u64);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} entries {bytes_per_sec} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} entries {bytes_per_sec} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         x.bar = Some(bar);
     }
@@ -97,7 +111,11 @@ pub fn extract(archive: &Archive, source: &[u8], dest: &Path, opts: &ExtractOpti
     let start_rel: Vec<u8> = if root_is_dir {
         Vec::new()
     } else {
-        source.rsplit(|&c| c == b'/').next().unwrap_or(b"file").to_vec()
+        source
+            .rsplit(|&c| c == b'/')
+            .next()
+            .unwrap_or(b"file")
+            .to_vec()
     };
     walk(archive, &start, &start_rel, &mut |ev| {
         match ev {
@@ -109,7 +127,8 @@ pub fn extract(archive: &Archive, source: &[u8], dest: &Path, opts: &ExtractOpti
                     Err(e) => return Err(io_at(&p, "cannot create directory", e)),
                 }
                 // Writable while we fill it; the real mode is set on the way out.
-                fs::set_permissions(&p, fs::Permissions::from_mode(0o700)).map_err(|e| io_at(&p, "cannot chmod", e))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o700))
+                    .map_err(|e| io_at(&p, "cannot chmod", e))?;
                 x.stats.directories += 1;
                 x.tick(inode);
                 Ok(())
@@ -162,7 +181,8 @@ impl Extractor<'_> {
             }
             FileKind::Symlink => {
                 let target = inode.symlink_target().unwrap_or_default();
-                std::os::unix::fs::symlink(OsStr::from_bytes(target), p).map_err(|e| io_at(p, "cannot create symlink", e))?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(target), p)
+                    .map_err(|e| io_at(p, "cannot create symlink", e))?;
                 self.stats.symlinks += 1;
             }
             kind => {
@@ -174,7 +194,8 @@ impl Extractor<'_> {
                 };
                 let (major, minor) = inode.device_numbers();
                 let dev = libc::makedev(major, minor);
-                mknod(p, flag, Mode::from_bits_truncate(0o600), dev).map_err(|e| io_at(p, "cannot create", e))?;
+                mknod(p, flag, Mode::from_bits_truncate(0o600), dev)
+                    .map_err(|e| io_at(p, "cannot create", e))?;
                 self.stats.specials += 1;
             }
         }
@@ -192,11 +213,13 @@ impl Extractor<'_> {
             let block = self.archive.file_block(info, index)?;
             // Sparse blocks are skipped: the hole stays a hole.
             if let Some(bytes) = block.bytes() {
-                f.write_all_at(bytes, index * bs).map_err(|e| io_at(p, "cannot write", e))?;
+                f.write_all_at(bytes, index * bs)
+                    .map_err(|e| io_at(p, "cannot write", e))?;
             }
             self.stats.bytes += block.len() as u64;
         }
-        f.set_len(info.file_size).map_err(|e| io_at(p, "cannot size", e))?;
+        f.set_len(info.file_size)
+            .map_err(|e| io_at(p, "cannot size", e))?;
         Ok(())
     }
 
@@ -204,33 +227,57 @@ impl Extractor<'_> {
     /// them, so chmod comes after) and mtimes (set last).
     fn finish(&mut self, p: &Path, inode: &Inode) -> Result<()> {
         let is_link = inode.kind == FileKind::Symlink;
-        let cpath = CString::new(p.as_os_str().as_bytes()).map_err(|_| io_at(p, "bad path", io::Error::from(io::ErrorKind::InvalidInput)))?;
+        let cpath = CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io_at(p, "bad path", io::Error::from(io::ErrorKind::InvalidInput)))?;
         for xa in self.archive.xattrs(inode)? {
-            let name = CString::new(xa.name.clone()).map_err(|_| Error::corrupt("xattr name holds a NUL byte"))?;
+            let name = CString::new(xa.name.clone())
+                .map_err(|_| Error::corrupt("xattr name holds a NUL byte"))?;
             // SAFETY: both strings are NUL-terminated and the value pointer/length pair
             // describes a live buffer.
             let rc = unsafe {
-                libc::lsetxattr(cpath.as_ptr(), name.as_ptr(), xa.value.as_ptr().cast(), xa.value.len(), 0)
+                libc::lsetxattr(
+                    cpath.as_ptr(),
+                    name.as_ptr(),
+                    xa.value.as_ptr().cast(),
+                    xa.value.len(),
+                    0,
+                )
             };
             if rc != 0 {
                 let e = io::Error::last_os_error();
                 let unprivileged = !self.opts.owners
-                    && matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOTSUP));
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOTSUP)
+                    );
                 if unprivileged {
                     self.stats.skipped_xattrs += 1;
                 } else {
-                    return Err(io_at(p, &format!("cannot set xattr {}", String::from_utf8_lossy(&xa.name)), e));
+                    return Err(io_at(
+                        p,
+                        &format!("cannot set xattr {}", String::from_utf8_lossy(&xa.name)),
+                        e,
+                    ));
                 }
             }
         }
         if self.opts.owners {
-            std::os::unix::fs::lchown(p, Some(inode.uid), Some(inode.gid)).map_err(|e| io_at(p, "cannot chown", e))?;
+            std::os::unix::fs::lchown(p, Some(inode.uid), Some(inode.gid))
+                .map_err(|e| io_at(p, "cannot chown", e))?;
         }
         if !is_link {
-            fs::set_permissions(p, fs::Permissions::from_mode(inode.permissions as u32)).map_err(|e| io_at(p, "cannot chmod", e))?;
+            fs::set_permissions(p, fs::Permissions::from_mode(inode.permissions as u32))
+                .map_err(|e| io_at(p, "cannot chmod", e))?;
         }
         let t = TimeSpec::new(inode.mtime as i64, 0);
-        utimensat(nix::fcntl::AT_FDCWD, p, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(|e| io_at(p, "cannot set times of", e))?;
+        utimensat(
+            nix::fcntl::AT_FDCWD,
+            p,
+            &t,
+            &t,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| io_at(p, "cannot set times of", e))?;
         Ok(())
     }
 }

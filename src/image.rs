@@ -58,26 +58,55 @@ pub fn locate(spec: &ImageSpec) -> Result<Located> {
                 "offset {offset} is beyond the end of the {file_len}-byte file"
             )));
         }
-        return Ok(Located { file, file_len, sif: None, partition: None, start: offset, len: file_len - offset });
+        return Ok(Located {
+            file,
+            file_len,
+            sif: None,
+            partition: None,
+            start: offset,
+            len: file_len - offset,
+        });
     }
     let mut head = vec![0u8; file_len.min(64) as usize];
-    whole.read_exact_at(&mut head, 0).map_err(|e| open_err(&spec.path, e))?;
+    whole
+        .read_exact_at(&mut head, 0)
+        .map_err(|e| open_err(&spec.path, e))?;
     if sif::has_sif_magic(&head) {
         let image = SifImage::parse(&whole)?;
         let part = image.select_partition(spec.partition.as_deref())?.clone();
         let (start, len) = (part.offset as u64, part.size as u64);
-        return Ok(Located { file, file_len, sif: Some(image), partition: Some(part), start, len });
+        return Ok(Located {
+            file,
+            file_len,
+            sif: Some(image),
+            partition: Some(part),
+            start,
+            len,
+        });
     }
     if spec.partition.is_some() {
-        return Err(Error::NotAnImage("--partition needs a SIF image, and this file is not one".into()));
+        return Err(Error::NotAnImage(
+            "--partition needs a SIF image, and this file is not one".into(),
+        ));
     }
     if head.len() >= 4 && &head[0..4] == b"hsqs" {
-        return Ok(Located { file, file_len, sif: None, partition: None, start: 0, len: file_len });
+        return Ok(Located {
+            file,
+            file_len,
+            sif: None,
+            partition: None,
+            start: 0,
+            len: file_len,
+        });
     }
     Err(Error::NotAnImage(format!(
         "{} has neither SIF_MAGIC at byte 32 nor the SquashFS magic 'hsqs' at byte 0{}",
         spec.path.display(),
-        if file_len < 96 { " (the file is too short)" } else { "; for an image inside another file pass --offset" }
+        if file_len < 96 {
+            " (the file is too short)"
+        } else {
+            "; for an image inside another file pass --offset"
+        }
     )))
 }
 

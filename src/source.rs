@@ -41,7 +41,9 @@ impl FileWindow {
         if end > file_len {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("window [{start}, {end}) lies beyond the end of the file ({file_len} bytes)"),
+                format!(
+                    "window [{start}, {end}) lies beyond the end of the file ({file_len} bytes)"
+                ),
             ));
         }
         Ok(FileWindow { file, start, len })
@@ -102,7 +104,10 @@ impl ReadAt for [u8] {
 }
 
 fn eof() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the image")
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "read past the end of the image",
+    )
 }
 
 /// Counts the bytes and calls that pass through to the inner source: lets tests prove that
@@ -166,13 +171,19 @@ pub fn open_image_file(path: &Path) -> io::Result<File> {
         // Refuse directories and the like early: a clear message beats EISDIR later.
         let meta = file.metadata()?;
         if meta.is_dir() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "is a directory"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "is a directory",
+            ));
         }
         return Ok(file);
     }
     let file = File::open(path)?;
     if file.metadata()?.is_dir() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "is a directory"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "is a directory",
+        ));
     }
     Ok(file)
 }

@@ -33,11 +33,17 @@ pub fn walk(
     visit: &mut dyn FnMut(Event<'_>) -> Result<()>,
 ) -> Result<()> {
     if start.as_dir().is_none() {
-        return visit(Event::Entry { path: start_path, inode: start });
+        return visit(Event::Entry {
+            path: start_path,
+            inode: start,
+        });
     }
     let mut seen: HashSet<InodeRef> = HashSet::new();
     seen.insert(start.iref);
-    visit(Event::EnterDir { path: start_path, inode: start })?;
+    visit(Event::EnterDir {
+        path: start_path,
+        inode: start,
+    })?;
     let mut stack = vec![Frame {
         path: start_path.to_vec(),
         inode: start.clone(),
@@ -46,7 +52,10 @@ pub fn walk(
     while let Some(frame) = stack.last_mut() {
         let Some(entry) = frame.entries.next() else {
             let done = stack.pop().expect("non-empty");
-            visit(Event::LeaveDir { path: &done.path, inode: &done.inode })?;
+            visit(Event::LeaveDir {
+                path: &done.path,
+                inode: &done.inode,
+            })?;
             continue;
         };
         let mut path = frame.path.clone();
@@ -70,11 +79,21 @@ pub fn walk(
                     String::from_utf8_lossy(&path)
                 )));
             }
-            visit(Event::EnterDir { path: &path, inode: &inode })?;
+            visit(Event::EnterDir {
+                path: &path,
+                inode: &inode,
+            })?;
             let entries = archive.read_dir(&inode)?.into_iter();
-            stack.push(Frame { path, inode, entries });
+            stack.push(Frame {
+                path,
+                inode,
+                entries,
+            });
         } else {
-            visit(Event::Entry { path: &path, inode: &inode })?;
+            visit(Event::Entry {
+                path: &path,
+                inode: &inode,
+            })?;
         }
     }
     Ok(())

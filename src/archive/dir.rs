@@ -38,7 +38,9 @@ impl<'a> ListingReader<'a> {
     /// counts 3 bytes for "." and "..").
     fn new(archive: &'a Archive, pos: MetaPos, file_size: u32, consumed: u64) -> Result<Self> {
         let total = (file_size as u64).checked_sub(3).ok_or_else(|| {
-            Error::corrupt(format!("directory size {file_size} is below the minimum of 3"))
+            Error::corrupt(format!(
+                "directory size {file_size} is below the minimum of 3"
+            ))
         })?;
         Ok(ListingReader {
             archive,
@@ -65,7 +67,8 @@ impl<'a> ListingReader<'a> {
             }
             self.take(12)?;
             let count = self.reader.u32()?.checked_add(1).filter(|&c| c <= MAX_RUN);
-            self.run_left = count.ok_or_else(|| Error::corrupt("directory header counts more than 256 entries"))?;
+            self.run_left = count
+                .ok_or_else(|| Error::corrupt("directory header counts more than 256 entries"))?;
             self.run_block = self.reader.u32()?;
             self.run_base = self.reader.u32()?;
         }
@@ -75,7 +78,9 @@ impl<'a> ListingReader<'a> {
         let kind_raw = self.reader.u16()?;
         let name_len = self.reader.u16()? as usize + 1;
         if name_len > MAX_NAME {
-            return Err(Error::corrupt(format!("directory entry name of {name_len} bytes")));
+            return Err(Error::corrupt(format!(
+                "directory entry name of {name_len} bytes"
+            )));
         }
         self.take(name_len as u64)?;
         let name = self.reader.bytes(name_len)?;
@@ -88,14 +93,22 @@ impl<'a> ListingReader<'a> {
         }
         let kind = match kind_raw {
             1..=7 => FileKind::from_type(kind_raw).expect("1..=7 are types"),
-            _ => return Err(Error::corrupt(format!("directory entry of unknown type {kind_raw}"))),
+            _ => {
+                return Err(Error::corrupt(format!(
+                    "directory entry of unknown type {kind_raw}"
+                )))
+            }
         };
         let number = (self.run_base as i64 + delta as i64) as u64;
         if number == 0 || number > self.archive.sb.inode_count as u64 {
-            return Err(Error::corrupt(format!("directory entry names inode number {number}")));
+            return Err(Error::corrupt(format!(
+                "directory entry names inode number {number}"
+            )));
         }
         if offset as usize >= METADATA_SIZE {
-            return Err(Error::corrupt(format!("directory entry has inode offset {offset}")));
+            return Err(Error::corrupt(format!(
+                "directory entry has inode offset {offset}"
+            )));
         }
         Ok(Some(DirEntry {
             name,
@@ -116,11 +129,25 @@ impl Archive {
             .directory_table
             .checked_add(info.start_block as u64)
             .filter(|&b| b < self.sb.bytes_used)
-            .ok_or_else(|| Error::corrupt(format!("directory inode {} points outside the image", dir.number)))?;
+            .ok_or_else(|| {
+                Error::corrupt(format!(
+                    "directory inode {} points outside the image",
+                    dir.number
+                ))
+            })?;
         if info.offset as usize >= METADATA_SIZE {
-            return Err(Error::corrupt(format!("directory inode {} has offset {}", dir.number, info.offset)));
+            return Err(Error::corrupt(format!(
+                "directory inode {} has offset {}",
+                dir.number, info.offset
+            )));
         }
-        Ok((MetaPos { block, offset: info.offset as usize }, info.file_size))
+        Ok((
+            MetaPos {
+                block,
+                offset: info.offset as usize,
+            },
+            info.file_size,
+        ))
     }
 
     /// Every entry of a directory, in stored (sorted) order, without "." and "..".
@@ -150,7 +177,9 @@ impl Archive {
                 let start_block = r.u32()?;
                 let len = r.u32()? as usize + 1;
                 if len > MAX_NAME {
-                    return Err(Error::corrupt(format!("directory index name of {len} bytes")));
+                    return Err(Error::corrupt(format!(
+                        "directory index name of {len} bytes"
+                    )));
                 }
                 let first = r.bytes(len)?;
                 if first.as_slice() > name {
@@ -163,7 +192,10 @@ impl Archive {
                     .filter(|&b| b < self.sb.bytes_used)
                     .ok_or_else(|| Error::corrupt("directory index points outside the image"))?;
                 consumed = index as u64;
-                pos = MetaPos { block, offset: ((start_offset + index as u64) % METADATA_SIZE as u64) as usize };
+                pos = MetaPos {
+                    block,
+                    offset: ((start_offset + index as u64) % METADATA_SIZE as u64) as usize,
+                };
             }
         }
         let mut r = ListingReader::new(self, pos, size, consumed)?;

@@ -15,7 +15,11 @@ const STORED: u32 = 1 << 24;
 /// One block of file data: a cached decompressed block (or a slice of a fragment), or
 /// zeros for a sparse block.
 pub enum BlockData {
-    Cached { block: Arc<Block>, start: usize, len: usize },
+    Cached {
+        block: Arc<Block>,
+        start: usize,
+        len: usize,
+    },
     Zeros(usize),
 }
 
@@ -76,7 +80,11 @@ impl Archive {
                     block.data.len()
                 )));
             }
-            return Ok(BlockData::Cached { block, start: 0, len: expected });
+            return Ok(BlockData::Cached {
+                block,
+                start: 0,
+                len: expected,
+            });
         }
         let frag = file
             .fragment
@@ -85,14 +93,21 @@ impl Archive {
         let (pos, word) = self.fragment_entry(frag.index)?;
         let block = self.data_block(BlockKind::Fragment, pos, word, self.sb.block_size as usize)?;
         let from = frag.offset as usize;
-        if from.checked_add(expected).is_none_or(|end| end > block.data.len()) {
+        if from
+            .checked_add(expected)
+            .is_none_or(|end| end > block.data.len())
+        {
             return Err(Error::corrupt(format!(
                 "file tail [{from}, +{expected}) lies outside fragment {} ({} bytes)",
                 frag.index,
                 block.data.len()
             )));
         }
-        Ok(BlockData::Cached { block, start: from, len: expected })
+        Ok(BlockData::Cached {
+            block,
+            start: from,
+            len: expected,
+        })
     }
 
     /// Image offset and size word of fragment block `index`.
@@ -107,23 +122,33 @@ impl Archive {
     /// A data or fragment block through the cache. `max` bounds the decompressed size.
     fn data_block(&self, kind: BlockKind, pos: u64, word: u32, max: usize) -> Result<Arc<Block>> {
         let key = BlockKey { kind, offset: pos };
-        self.cache.get_or_load(key, || self.load_data_block(pos, word, max))
+        self.cache
+            .get_or_load(key, || self.load_data_block(pos, word, max))
     }
 
     /// Read and decompress one data block (no cache). Used by read-ahead too.
     pub(crate) fn load_data_block(&self, pos: u64, word: u32, max: usize) -> Result<Block> {
         let disk_len = (word & 0x00ff_ffff) as usize;
         if word >> 25 != 0 || disk_len == 0 || disk_len > self.sb.block_size as usize {
-            return Err(Error::corrupt(format!("data block at byte {pos} has size word {word:#x}")));
+            return Err(Error::corrupt(format!(
+                "data block at byte {pos} has size word {word:#x}"
+            )));
         }
-        if pos.checked_add(disk_len as u64).is_none_or(|e| e > self.sb.bytes_used) {
-            return Err(Error::corrupt(format!("data block at byte {pos} runs past the end of the image")));
+        if pos
+            .checked_add(disk_len as u64)
+            .is_none_or(|e| e > self.sb.bytes_used)
+        {
+            return Err(Error::corrupt(format!(
+                "data block at byte {pos} runs past the end of the image"
+            )));
         }
         let mut raw = vec![0u8; disk_len];
         self.read_at(&mut raw, pos)?;
         let data: Box<[u8]> = if word & STORED != 0 {
             if disk_len > max {
-                return Err(Error::corrupt(format!("stored block at byte {pos} is larger than expected")));
+                return Err(Error::corrupt(format!(
+                    "stored block at byte {pos} is larger than expected"
+                )));
             }
             raw.into_boxed_slice()
         } else {
@@ -131,10 +156,17 @@ impl Archive {
             self.sb
                 .compressor
                 .decompress(&raw, &mut out, max)
-                .map_err(|detail| Error::Decompress { compressor: self.sb.compressor.name(), offset: pos, detail })?;
+                .map_err(|detail| Error::Decompress {
+                    compressor: self.sb.compressor.name(),
+                    offset: pos,
+                    detail,
+                })?;
             out.into_boxed_slice()
         };
-        Ok(Block { data, disk_len: disk_len as u32 })
+        Ok(Block {
+            data,
+            disk_len: disk_len as u32,
+        })
     }
 
     /// Read up to `buf.len()` bytes at `offset`; returns the count (0 at end of file).

@@ -219,7 +219,10 @@ impl Archive {
     /// Decode the inode at `iref`.
     pub fn inode(&self, iref: InodeRef) -> Result<Inode> {
         if iref.0 > InodeRef::MAX || iref.offset() >= super::metadata::METADATA_SIZE {
-            return Err(Error::corrupt(format!("inode reference {:#x} is invalid", iref.0)));
+            return Err(Error::corrupt(format!(
+                "inode reference {:#x} is invalid",
+                iref.0
+            )));
         }
         let block = self
             .sb
@@ -240,8 +243,9 @@ impl Archive {
             },
         );
         let inode_type = r.u16()?;
-        let kind = FileKind::from_type(inode_type)
-            .ok_or_else(|| Error::corrupt(format!("inode {:#x} has unknown type {inode_type}", iref.0)))?;
+        let kind = FileKind::from_type(inode_type).ok_or_else(|| {
+            Error::corrupt(format!("inode {:#x} has unknown type {inode_type}", iref.0))
+        })?;
         let extended = inode_type >= 8;
         let permissions = r.u16()? & 0o7777;
         let uid_index = r.u16()?;
@@ -262,7 +266,17 @@ impl Archive {
                 let file_size = r.u16()? as u32;
                 let offset = r.u16()?;
                 let parent = r.u32()?;
-                (nlink, InodeBody::Directory(DirInfo { start_block, offset, file_size, parent, index_count: 0, index_pos: None }))
+                (
+                    nlink,
+                    InodeBody::Directory(DirInfo {
+                        start_block,
+                        offset,
+                        file_size,
+                        parent,
+                        index_count: 0,
+                        index_pos: None,
+                    }),
+                )
             }
             (FileKind::Directory, true) => {
                 let nlink = r.u32()?;
@@ -273,14 +287,32 @@ impl Archive {
                 let offset = r.u16()?;
                 xattr = r.u32()?;
                 let index_pos = Some(r.position());
-                (nlink, InodeBody::Directory(DirInfo { start_block, offset, file_size, parent, index_count, index_pos }))
+                (
+                    nlink,
+                    InodeBody::Directory(DirInfo {
+                        start_block,
+                        offset,
+                        file_size,
+                        parent,
+                        index_count,
+                        index_pos,
+                    }),
+                )
             }
             (FileKind::File, false) => {
                 let blocks_start = r.u32()? as u64;
                 let frag = r.u32()?;
                 let frag_offset = r.u32()?;
                 let file_size = r.u32()? as u64;
-                let f = self.read_block_list(&mut r, iref, blocks_start, file_size, 0, frag, frag_offset)?;
+                let f = self.read_block_list(
+                    &mut r,
+                    iref,
+                    blocks_start,
+                    file_size,
+                    0,
+                    frag,
+                    frag_offset,
+                )?;
                 (1, InodeBody::File(f))
             }
             (FileKind::File, true) => {
@@ -291,14 +323,24 @@ impl Archive {
                 let frag = r.u32()?;
                 let frag_offset = r.u32()?;
                 xattr = r.u32()?;
-                let f = self.read_block_list(&mut r, iref, blocks_start, file_size, sparse, frag, frag_offset)?;
+                let f = self.read_block_list(
+                    &mut r,
+                    iref,
+                    blocks_start,
+                    file_size,
+                    sparse,
+                    frag,
+                    frag_offset,
+                )?;
                 (nlink, InodeBody::File(f))
             }
             (FileKind::Symlink, ext) => {
                 let nlink = r.u32()?;
                 let len = r.u32()?;
                 if len > MAX_SYMLINK {
-                    return Err(Error::corrupt(format!("symlink inode {number} has a {len}-byte target")));
+                    return Err(Error::corrupt(format!(
+                        "symlink inode {number} has a {len}-byte target"
+                    )));
                 }
                 let target = r.bytes(len as usize)?;
                 if ext {
@@ -351,8 +393,15 @@ impl Archive {
         frag_offset: u32,
     ) -> Result<FileInfo> {
         let bs = self.sb.block_size as u64;
-        let fragment = (frag != NO_INDEX).then_some(FragmentRef { index: frag, offset: frag_offset });
-        let count = if fragment.is_some() { file_size / bs } else { file_size.div_ceil(bs) };
+        let fragment = (frag != NO_INDEX).then_some(FragmentRef {
+            index: frag,
+            offset: frag_offset,
+        });
+        let count = if fragment.is_some() {
+            file_size / bs
+        } else {
+            file_size.div_ceil(bs)
+        };
         if let Some(f) = fragment {
             if f.index >= self.sb.fragment_count {
                 return Err(Error::corrupt(format!(
@@ -361,7 +410,10 @@ impl Archive {
                 )));
             }
             if file_size % bs == 0 {
-                return Err(Error::corrupt(format!("inode {:#x} has a fragment but no tail", iref.0)));
+                return Err(Error::corrupt(format!(
+                    "inode {:#x} has a fragment but no tail",
+                    iref.0
+                )));
             }
         }
         // The block list lives in the inode table, so a real count is bounded by it; grow
@@ -388,7 +440,12 @@ impl Archive {
                 pos = pos
                     .checked_add(on_disk)
                     .filter(|&p| p <= self.sb.bytes_used)
-                    .ok_or_else(|| Error::corrupt(format!("data of inode {:#x} runs past the end of the image", iref.0)))?;
+                    .ok_or_else(|| {
+                        Error::corrupt(format!(
+                            "data of inode {:#x} runs past the end of the image",
+                            iref.0
+                        ))
+                    })?;
             }
             left -= n as u64;
         }

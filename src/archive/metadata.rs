@@ -19,7 +19,8 @@ impl Archive {
             kind: BlockKind::Metadata,
             offset: pos,
         };
-        self.cache.get_or_load(key, || self.load_metadata_block(pos))
+        self.cache
+            .get_or_load(key, || self.load_metadata_block(pos))
     }
 
     fn load_metadata_block(&self, pos: u64) -> Result<Block> {
@@ -60,7 +61,9 @@ impl Archive {
                     detail,
                 })?;
             if out.is_empty() {
-                return Err(Error::corrupt(format!("metadata block at byte {pos} is empty")));
+                return Err(Error::corrupt(format!(
+                    "metadata block at byte {pos} is empty"
+                )));
             }
             out.into_boxed_slice()
         };

@@ -44,7 +44,9 @@ pub struct Archive {
 
 impl std::fmt::Debug for Archive {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Archive").field("superblock", &self.sb).finish_non_exhaustive()
+        f.debug_struct("Archive")
+            .field("superblock", &self.sb)
+            .finish_non_exhaustive()
     }
 }
 
@@ -58,15 +60,24 @@ impl Archive {
                 source.len()
             )));
         }
-        source
-            .read_exact_at(&mut raw, 0)
-            .map_err(|e| Error::Read { offset: 0, source: e })?;
+        source.read_exact_at(&mut raw, 0).map_err(|e| Error::Read {
+            offset: 0,
+            source: e,
+        })?;
         let sb = Superblock::parse(&raw, source.len())?;
         let ids = LookupTable::new("id table", sb.id_table, sb.id_count as u64, 4);
         let fragments = LookupTable::new(
             "fragment table",
-            if sb.fragment_table == NO_TABLE { 0 } else { sb.fragment_table },
-            if sb.fragment_table == NO_TABLE { 0 } else { sb.fragment_count as u64 },
+            if sb.fragment_table == NO_TABLE {
+                0
+            } else {
+                sb.fragment_table
+            },
+            if sb.fragment_table == NO_TABLE {
+                0
+            } else {
+                sb.fragment_count as u64
+            },
             16,
         );
         let exports = (sb.export_table != NO_TABLE)
@@ -84,7 +95,13 @@ impl Archive {
             root: placeholder_root(),
         };
         if archive.sb.has(flags::COMPRESSOR_OPTIONS) {
-            let mut r = MetadataReader::new(&archive, MetaPos { block: SUPERBLOCK_LEN as u64, offset: 0 });
+            let mut r = MetadataReader::new(
+                &archive,
+                MetaPos {
+                    block: SUPERBLOCK_LEN as u64,
+                    offset: 0,
+                },
+            );
             let mut b = [0u8; 8];
             let n = match archive.sb.compressor {
                 crate::codec::Compressor::Zstd => 4,
@@ -135,7 +152,9 @@ impl Archive {
     /// The inode reference of inode number `number`, through the export table (absent
     /// when the image was made with -no-exports).
     pub fn inode_ref_by_number(&self, number: u32) -> Result<Option<InodeRef>> {
-        let Some(t) = &self.exports else { return Ok(None) };
+        let Some(t) = &self.exports else {
+            return Ok(None);
+        };
         if number == 0 {
             return Ok(None);
         }
@@ -149,13 +168,22 @@ impl Archive {
     pub fn resolve(&self, path: &[u8]) -> Result<Inode> {
         let mut cur = self.root.clone();
         let mut walked = Vec::new();
-        for comp in path.split(|&c| c == b'/').filter(|c| !c.is_empty() && *c != b".") {
+        for comp in path
+            .split(|&c| c == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+        {
             walked.push(String::from_utf8_lossy(comp).into_owned());
             if comp == b".." {
-                return Err(Error::NotFound(format!("/{}: '..' is not supported in image paths", walked.join("/"))));
+                return Err(Error::NotFound(format!(
+                    "/{}: '..' is not supported in image paths",
+                    walked.join("/")
+                )));
             }
             if cur.kind != FileKind::Directory {
-                return Err(Error::NotADirectory(format!("/{}", walked[..walked.len() - 1].join("/"))));
+                return Err(Error::NotADirectory(format!(
+                    "/{}",
+                    walked[..walked.len() - 1].join("/")
+                )));
             }
             let entry = self
                 .lookup(&cur, comp)?
@@ -204,7 +232,6 @@ fn placeholder_root() -> Inode {
         body: InodeBody::Ipc,
     }
 }
-
 
 #[cfg(test)]
 mod tests;

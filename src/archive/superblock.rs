@@ -43,7 +43,10 @@ pub mod flags {
             (COMPRESSOR_OPTIONS, "compressor-options"),
             (UNCOMPRESSED_IDS, "uncompressed-ids"),
         ];
-        ALL.iter().filter(|(b, _)| bits & b != 0).map(|(_, n)| *n).collect()
+        ALL.iter()
+            .filter(|(b, _)| bits & b != 0)
+            .map(|(_, n)| *n)
+            .collect()
     }
 }
 
@@ -122,7 +125,9 @@ impl Superblock {
     fn validate(&self, image_len: u64) -> Result<()> {
         let bs = self.block_size;
         if !(4096..=1 << 20).contains(&bs) || !bs.is_power_of_two() {
-            return Err(Error::corrupt(format!("block size {bs} is not a power of two from 4 KiB to 1 MiB")));
+            return Err(Error::corrupt(format!(
+                "block size {bs} is not a power of two from 4 KiB to 1 MiB"
+            )));
         }
         if 1u32.checked_shl(self.block_log as u32) != Some(bs) {
             return Err(Error::corrupt(format!(
@@ -137,7 +142,10 @@ impl Superblock {
             )));
         }
         if self.bytes_used < SUPERBLOCK_LEN as u64 {
-            return Err(Error::corrupt(format!("image size {} is smaller than a superblock", self.bytes_used)));
+            return Err(Error::corrupt(format!(
+                "image size {} is smaller than a superblock",
+                self.bytes_used
+            )));
         }
         if self.inode_count == 0 {
             return Err(Error::corrupt("inode count is 0"));
@@ -158,7 +166,9 @@ impl Superblock {
         inside("directory table", self.directory_table)?;
         inside("id table", self.id_table)?;
         if self.directory_table < self.inode_table {
-            return Err(Error::corrupt("directory table starts before the inode table"));
+            return Err(Error::corrupt(
+                "directory table starts before the inode table",
+            ));
         }
         for (name, start) in [
             ("fragment table", self.fragment_table),
@@ -171,8 +181,16 @@ impl Superblock {
         }
         // The root inode reference must point into the inode table.
         let root_block = self.root_inode >> 16;
-        if self.inode_table.checked_add(root_block).is_none_or(|b| b >= self.directory_table) || (self.root_inode & 0xffff) >= 8192 {
-            return Err(Error::corrupt(format!("root inode reference {:#x} points outside the inode table", self.root_inode)));
+        if self
+            .inode_table
+            .checked_add(root_block)
+            .is_none_or(|b| b >= self.directory_table)
+            || (self.root_inode & 0xffff) >= 8192
+        {
+            return Err(Error::corrupt(format!(
+                "root inode reference {:#x} points outside the inode table",
+                self.root_inode
+            )));
         }
         Ok(())
     }
@@ -187,11 +205,26 @@ impl Superblock {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "compressor", rename_all = "lowercase")]
 pub enum CompressorOptions {
-    Gzip { level: u32, window_size: u16, strategies: u16 },
-    Xz { dictionary_size: u32, filters: u32 },
-    Lz4 { version: u32, flags: u32 },
-    Zstd { level: u32 },
-    Lzo { algorithm: u32, level: u32 },
+    Gzip {
+        level: u32,
+        window_size: u16,
+        strategies: u16,
+    },
+    Xz {
+        dictionary_size: u32,
+        filters: u32,
+    },
+    Lz4 {
+        version: u32,
+        flags: u32,
+    },
+    Zstd {
+        level: u32,
+    },
+    Lzo {
+        algorithm: u32,
+        level: u32,
+    },
 }
 
 impl CompressorOptions {
@@ -214,29 +247,48 @@ impl CompressorOptions {
                 need(8)?;
                 let window_size = u16_at(b, 4);
                 if !(8..=15).contains(&window_size) {
-                    return Err(Error::corrupt(format!("gzip window size {window_size} is not 8..15")));
+                    return Err(Error::corrupt(format!(
+                        "gzip window size {window_size} is not 8..15"
+                    )));
                 }
-                CompressorOptions::Gzip { level: u32_at(b, 0), window_size, strategies: u16_at(b, 6) }
+                CompressorOptions::Gzip {
+                    level: u32_at(b, 0),
+                    window_size,
+                    strategies: u16_at(b, 6),
+                }
             }
             Compressor::Xz => {
                 need(8)?;
-                CompressorOptions::Xz { dictionary_size: u32_at(b, 0), filters: u32_at(b, 4) }
+                CompressorOptions::Xz {
+                    dictionary_size: u32_at(b, 0),
+                    filters: u32_at(b, 4),
+                }
             }
             Compressor::Lz4 => {
                 need(8)?;
                 let version = u32_at(b, 0);
                 if version != 1 {
-                    return Err(Error::Unsupported(format!("lz4 format version {version}; only the legacy format 1 exists")));
+                    return Err(Error::Unsupported(format!(
+                        "lz4 format version {version}; only the legacy format 1 exists"
+                    )));
                 }
-                CompressorOptions::Lz4 { version, flags: u32_at(b, 4) }
+                CompressorOptions::Lz4 {
+                    version,
+                    flags: u32_at(b, 4),
+                }
             }
             Compressor::Zstd => {
                 need(4)?;
-                CompressorOptions::Zstd { level: u32_at(b, 0) }
+                CompressorOptions::Zstd {
+                    level: u32_at(b, 0),
+                }
             }
             Compressor::Lzo => {
                 need(8)?;
-                CompressorOptions::Lzo { algorithm: u32_at(b, 0), level: u32_at(b, 4) }
+                CompressorOptions::Lzo {
+                    algorithm: u32_at(b, 0),
+                    level: u32_at(b, 4),
+                }
             }
             Compressor::Lzma => {
                 return Err(Error::corrupt("lzma images carry no compressor options"));

@@ -10,7 +10,9 @@ use crate::source::CountingSource;
 const IMAGES: [&str; 3] = ["tiny-gzip.sqfs", "tiny-raw.sqfs", "tiny-zstd-nofrag.sqfs"];
 
 fn image_bytes(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/tiny")
+        .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
@@ -28,7 +30,9 @@ fn read_all(a: &Archive, path: &str) -> Vec<u8> {
 }
 
 fn numbers() -> Vec<u8> {
-    (0..2000).flat_map(|i| format!("{i:04}\n").into_bytes()).collect()
+    (0..2000)
+        .flat_map(|i| format!("{i:04}\n").into_bytes())
+        .collect()
 }
 
 #[test]
@@ -40,8 +44,13 @@ fn superblocks() {
         assert_eq!(sb.mod_time, 1_700_000_000, "{name}");
         assert_eq!(sb.inode_count, 615, "{name}");
     }
-    assert_eq!(open("tiny-zstd-nofrag.sqfs").superblock().compressor, crate::codec::Compressor::Zstd);
-    assert!(open("tiny-raw.sqfs").superblock().has(superblock::flags::UNCOMPRESSED_INODES));
+    assert_eq!(
+        open("tiny-zstd-nofrag.sqfs").superblock().compressor,
+        crate::codec::Compressor::Zstd
+    );
+    assert!(open("tiny-raw.sqfs")
+        .superblock()
+        .has(superblock::flags::UNCOMPRESSED_INODES));
 }
 
 #[test]
@@ -67,7 +76,14 @@ fn reads_at_offsets_across_blocks() {
     let inode = a.resolve(b"dir/numbers").unwrap();
     let f = inode.as_file().unwrap();
     let all = numbers();
-    for (off, len) in [(0, 1), (4090, 20), (8191, 2), (9995, 100), (10_000, 5), (3, 9000)] {
+    for (off, len) in [
+        (0, 1),
+        (4090, 20),
+        (8191, 2),
+        (9995, 100),
+        (10_000, 5),
+        (3, 9000),
+    ] {
         let mut buf = vec![0u8; len];
         let n = a.read_file_at(f, off, &mut buf).unwrap();
         let end = (off as usize + len).min(all.len());
@@ -81,9 +97,16 @@ fn sparse_blocks_are_marked_sparse() {
     let a = open("tiny-gzip.sqfs");
     let inode = a.resolve(b"sparse").unwrap();
     let f = inode.as_file().unwrap();
-    let holes = f.block_sizes.iter().filter(|&&w| w & 0x00ff_ffff == 0).count();
+    let holes = f
+        .block_sizes
+        .iter()
+        .filter(|&&w| w & 0x00ff_ffff == 0)
+        .count();
     assert!(holes >= 15, "{holes} sparse blocks in {:?}", f.block_sizes);
-    assert!(matches!(a.file_block(f, 3).unwrap(), BlockData::Zeros(4096)));
+    assert!(matches!(
+        a.file_block(f, 3).unwrap(),
+        BlockData::Zeros(4096)
+    ));
 }
 
 #[test]
@@ -92,19 +115,40 @@ fn attributes() {
         let a = open(name);
         let hello = a.resolve(b"hello.txt").unwrap();
         let hard = a.resolve(b"dir/hardlink").unwrap();
-        assert_eq!(hello.number, hard.number, "{name}: hard links share an inode");
+        assert_eq!(
+            hello.number, hard.number,
+            "{name}: hard links share an inode"
+        );
         assert_eq!(hello.nlink, 2);
         assert_eq!((hello.uid, hello.gid), (1000, 2000));
         let empty = a.resolve(b"empty").unwrap();
-        assert_eq!((empty.uid, empty.gid, empty.permissions), (4_294_967_294, 65534, 0o600));
-        assert_eq!(a.resolve(b"dir/numbers").unwrap().mode(), libc::S_IFREG | 0o4755);
-        assert_eq!(a.resolve(b"dir/sub").unwrap().mode(), libc::S_IFDIR | 0o1777);
+        assert_eq!(
+            (empty.uid, empty.gid, empty.permissions),
+            (4_294_967_294, 65534, 0o600)
+        );
+        assert_eq!(
+            a.resolve(b"dir/numbers").unwrap().mode(),
+            libc::S_IFREG | 0o4755
+        );
+        assert_eq!(
+            a.resolve(b"dir/sub").unwrap().mode(),
+            libc::S_IFDIR | 0o1777
+        );
         let link = a.resolve(b"link").unwrap();
         assert_eq!(link.symlink_target(), Some(&b"hello.txt"[..]));
         assert_eq!(link.mtime, 0);
         assert_eq!(a.resolve(b"dir/exact-block").unwrap().mtime, 4_102_444_800);
-        assert_eq!(a.resolve(b"dir/longlink").unwrap().symlink_target().unwrap(), vec![b'a'; 300].as_slice());
-        assert_eq!(a.resolve(b"chr").unwrap().device_numbers(), (4095, 1_048_575));
+        assert_eq!(
+            a.resolve(b"dir/longlink")
+                .unwrap()
+                .symlink_target()
+                .unwrap(),
+            vec![b'a'; 300].as_slice()
+        );
+        assert_eq!(
+            a.resolve(b"chr").unwrap().device_numbers(),
+            (4095, 1_048_575)
+        );
         assert_eq!(a.resolve(b"blk").unwrap().device_numbers(), (8, 1));
         assert_eq!(a.resolve(b"blk").unwrap().kind, FileKind::BlockDevice);
         assert_eq!(a.resolve(b"fifo").unwrap().kind, FileKind::Fifo);
@@ -123,9 +167,21 @@ fn xattrs() {
         assert_eq!(x.len(), 2, "{name}");
         assert_eq!(x[0].name, b"trusted.big");
         assert_eq!(x[0].value, vec![b'v'; 2000]);
-        assert_eq!(x[1], Xattr { name: b"user.greeting".to_vec(), value: b"hi".to_vec() });
+        assert_eq!(
+            x[1],
+            Xattr {
+                name: b"user.greeting".to_vec(),
+                value: b"hi".to_vec()
+            }
+        );
         let d = a.xattrs(&a.resolve(b"dir").unwrap()).unwrap();
-        assert_eq!(d, vec![Xattr { name: b"user.dirattr".to_vec(), value: b"yes".to_vec() }]);
+        assert_eq!(
+            d,
+            vec![Xattr {
+                name: b"user.dirattr".to_vec(),
+                value: b"yes".to_vec()
+            }]
+        );
         let s = a.xattrs(&a.resolve(b"dir/numbers").unwrap()).unwrap();
         assert_eq!(s[0].name, b"security.label");
         assert!(a.xattrs(&a.resolve(b"fifo").unwrap()).unwrap().is_empty());
@@ -138,14 +194,24 @@ fn directory_lookup_through_the_index() {
         let a = open(name);
         let many = a.resolve(b"many").unwrap();
         let info = many.as_dir().unwrap();
-        assert!(info.index_count > 0, "{name}: a 600-entry directory has an index");
+        assert!(
+            info.index_count > 0,
+            "{name}: a 600-entry directory has an index"
+        );
         let all = a.read_dir(&many).unwrap();
         assert_eq!(all.len(), 600);
         assert!(all.windows(2).all(|w| w[0].name < w[1].name));
         for e in &all {
             assert_eq!(a.lookup(&many, &e.name).unwrap().as_ref(), Some(e));
         }
-        for missing in [&b"a"[..], b"entry-0000", b"entry-0300x", b"entry-9999", b"zzz", b""] {
+        for missing in [
+            &b"a"[..],
+            b"entry-0000",
+            b"entry-0300x",
+            b"entry-9999",
+            b"zzz",
+            b"",
+        ] {
             assert_eq!(a.lookup(&many, missing).unwrap(), None);
         }
     }
@@ -155,9 +221,15 @@ fn directory_lookup_through_the_index() {
 fn paths_that_do_not_resolve() {
     let a = open("tiny-gzip.sqfs");
     assert!(matches!(a.resolve(b"nope"), Err(Error::NotFound(_))));
-    assert!(matches!(a.resolve(b"hello.txt/x"), Err(Error::NotADirectory(_))));
+    assert!(matches!(
+        a.resolve(b"hello.txt/x"),
+        Err(Error::NotADirectory(_))
+    ));
     assert!(a.resolve(b"/dir/../hello.txt").is_err());
-    assert_eq!(a.resolve(b"//dir/./sub/").unwrap().kind, FileKind::Directory);
+    assert_eq!(
+        a.resolve(b"//dir/./sub/").unwrap().kind,
+        FileKind::Directory
+    );
 }
 
 #[test]
@@ -166,7 +238,12 @@ fn export_table_maps_numbers_to_inodes() {
     let hello = a.resolve(b"hello.txt").unwrap();
     let iref = a.inode_ref_by_number(hello.number).unwrap().unwrap();
     assert_eq!(a.inode(iref).unwrap(), hello);
-    assert_eq!(open("tiny-zstd-nofrag.sqfs").inode_ref_by_number(1).unwrap(), None);
+    assert_eq!(
+        open("tiny-zstd-nofrag.sqfs")
+            .inode_ref_by_number(1)
+            .unwrap(),
+        None
+    );
 }
 
 #[test]
@@ -218,7 +295,9 @@ fn corruption_never_panics() {
                 let mut bytes = clean.clone();
                 bytes[at] = v;
                 cases += 1;
-                let Ok(a) = Archive::open(Arc::new(bytes), 1 << 20) else { continue };
+                let Ok(a) = Archive::open(Arc::new(bytes), 1 << 20) else {
+                    continue;
+                };
                 let _ = crate::walk::walk(&a, &a.root().clone(), b"", &mut |ev| {
                     if let crate::walk::Event::Entry { inode, .. } = ev {
                         let _ = a.xattrs(inode);

@@ -50,8 +50,15 @@ impl Archive {
             return Ok(Some(t));
         }
         let mut h = [0u8; 16];
-        if self.sb.xattr_table.checked_add(16).is_none_or(|e| e > self.sb.bytes_used) {
-            return Err(Error::corrupt("xattr table header runs past the end of the image"));
+        if self
+            .sb
+            .xattr_table
+            .checked_add(16)
+            .is_none_or(|e| e > self.sb.bytes_used)
+        {
+            return Err(Error::corrupt(
+                "xattr table header runs past the end of the image",
+            ));
         }
         self.read_at(&mut h, self.sb.xattr_table)?;
         let kv_start = u64::from_le_bytes(h[0..8].try_into().expect("8 bytes"));
@@ -71,9 +78,12 @@ impl Archive {
         let Some(index) = inode.xattr_index else {
             return Ok(Vec::new());
         };
-        let table = self
-            .xattr_table()?
-            .ok_or_else(|| Error::corrupt(format!("inode {} has xattrs but the image has no xattr table", inode.number)))?;
+        let table = self.xattr_table()?.ok_or_else(|| {
+            Error::corrupt(format!(
+                "inode {} has xattrs but the image has no xattr table",
+                inode.number
+            ))
+        })?;
         let mut e = [0u8; 16];
         table.ids.read_entry(self, index as u64, &mut e)?;
         let xref = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes"));
@@ -82,7 +92,9 @@ impl Archive {
         let mut r = MetadataReader::new(self, self.xattr_pos(table, xref)?);
         // Each pair takes at least 8 bytes, so `total` bounds the count honestly.
         if count as usize > total / 8 + 1 {
-            return Err(Error::corrupt(format!("xattr entry {index} claims {count} attributes in {total} bytes")));
+            return Err(Error::corrupt(format!(
+                "xattr entry {index} claims {count} attributes in {total} bytes"
+            )));
         }
         let mut out = Vec::with_capacity(count as usize);
         for _ in 0..count {
@@ -126,7 +138,10 @@ impl Archive {
             .checked_add(xref >> 16)
             .filter(|&b| b < self.sb.bytes_used)
             .ok_or_else(|| Error::corrupt("xattr reference points outside the image"))?;
-        Ok(MetaPos { block, offset: (xref & 0xffff) as usize })
+        Ok(MetaPos {
+            block,
+            offset: (xref & 0xffff) as usize,
+        })
     }
 }
 

@@ -22,7 +22,12 @@ const TOOL_CACHE_BYTES: u64 = 32 << 20;
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { image, json } => inspect(&image.spec(), json),
-        Command::Ls { image, path, long, recursive } => {
+        Command::Ls {
+            image,
+            path,
+            long,
+            recursive,
+        } => {
             let img = image::open(&image.spec(), TOOL_CACHE_BYTES)?;
             ls(&img.archive, &path, long, recursive)
         }
@@ -34,7 +39,12 @@ pub fn run(cli: Cli) -> Result<()> {
             let img = image::open(&image.spec(), TOOL_CACHE_BYTES)?;
             cat(&img.archive, &path)
         }
-        Command::Extract { image, dest, path, quiet } => {
+        Command::Extract {
+            image,
+            dest,
+            path,
+            quiet,
+        } => {
             let img = image::open(&image.spec(), TOOL_CACHE_BYTES)?;
             let mut opts = sifuse::extract::ExtractOptions::default();
             if quiet {
@@ -59,23 +69,35 @@ fn emit(stdout: &mut impl Write, s: &str) -> Result<()> {
 }
 
 fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
-    let file = Arc::new(open_image_file(&spec.path).map_err(|e| Error::Open { path: spec.path.display().to_string(), source: e })?);
+    let file = Arc::new(open_image_file(&spec.path).map_err(|e| Error::Open {
+        path: spec.path.display().to_string(),
+        source: e,
+    })?);
     let len = file.metadata()?.len();
     let whole = FileWindow::new(file.clone(), 0, len)?;
     let mut head = vec![0u8; len.min(64) as usize];
     whole.read_exact_at(&mut head, 0)?;
-    let sif_image = if spec.offset.is_none() && sif::has_sif_magic(&head) { Some(SifImage::parse(&whole)?) } else { None };
+    let sif_image = if spec.offset.is_none() && sif::has_sif_magic(&head) {
+        Some(SifImage::parse(&whole)?)
+    } else {
+        None
+    };
 
     // The SquashFS part is optional: a SIF may hold none, or one we cannot open.
     let squash = match &sif_image {
-        Some(s) if s.select_partition(spec.partition.as_deref()).is_err() && spec.partition.is_none() => {
+        Some(s)
+            if s.select_partition(spec.partition.as_deref()).is_err()
+                && spec.partition.is_none() =>
+        {
             Err(s.select_partition(None).expect_err("checked above").into())
         }
         _ => image::open(spec, TOOL_CACHE_BYTES),
     };
     if sif_image.is_none() {
         // Not a SIF: the SquashFS must open, or there is nothing to show.
-        squash.as_ref().map_err(|e| Error::NotAnImage(e.to_string()))?;
+        squash
+            .as_ref()
+            .map_err(|e| Error::NotAnImage(e.to_string()))?;
     }
 
     let mut stdout = io::stdout().lock();
@@ -109,7 +131,10 @@ fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
             Err(e) => json!({ "error": e.to_string() }),
         };
         let v = json!({ "sif": sif_json, "squashfs": sq_json });
-        emit(&mut stdout, &format!("{}\n", serde_json::to_string_pretty(&v).expect("json")))?;
+        emit(
+            &mut stdout,
+            &format!("{}\n", serde_json::to_string_pretty(&v).expect("json")),
+        )?;
         return Ok(());
     }
     let mut s = String::new();
@@ -117,19 +142,48 @@ fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
         let h = &img.header;
         s += &format!("SIF image, version {}\n", h.version);
         s += &format!("  arch:        {}\n  uuid:        {}\n", h.arch, h.uuid);
-        s += &format!("  created:     {}\n  modified:    {}\n", fmt_time(h.created), fmt_time(h.modified));
-        s += &format!("  descriptors: {} used of {} ({} free)\n", img.descriptors.len(), h.descriptors_total, h.descriptors_free);
-        s += &format!("  data:        {} bytes at {}\n", h.data_size, h.data_offset);
+        s += &format!(
+            "  created:     {}\n  modified:    {}\n",
+            fmt_time(h.created),
+            fmt_time(h.modified)
+        );
+        s += &format!(
+            "  descriptors: {} used of {} ({} free)\n",
+            img.descriptors.len(),
+            h.descriptors_total,
+            h.descriptors_free
+        );
+        s += &format!(
+            "  data:        {} bytes at {}\n",
+            h.data_size, h.data_offset
+        );
         if let Err(e) = img.check_layout() {
             s += &format!("  warning:     {e}\n");
         }
-        s += &format!("\n{:<4} {:<14} {:<24} {:>12} {:>12}  {:<10} {:<8} {}\n", "ID", "TYPE", "NAME", "OFFSET", "SIZE", "FS", "PART", "ARCH");
+        s += &format!(
+            "\n{:<4} {:<14} {:<24} {:>12} {:>12}  {:<10} {:<8} {}\n",
+            "ID", "TYPE", "NAME", "OFFSET", "SIZE", "FS", "PART", "ARCH"
+        );
         for d in &img.descriptors {
             let (fs, pt, arch) = match d.partition() {
-                Some(p) => (p.fs_type.name(), p.part_type.name(), sif::arch_name(&p.arch)),
+                Some(p) => (
+                    p.fs_type.name(),
+                    p.part_type.name(),
+                    sif::arch_name(&p.arch),
+                ),
                 None => ("-".into(), "-".into(), "-".into()),
             };
-            s += &format!("{:<4} {:<14} {:<24} {:>12} {:>12}  {:<10} {:<8} {}\n", d.id, d.data_type.name(), d.name, d.offset, d.size, fs, pt, arch);
+            s += &format!(
+                "{:<4} {:<14} {:<24} {:>12} {:>12}  {:<10} {:<8} {}\n",
+                d.id,
+                d.data_type.name(),
+                d.name,
+                d.offset,
+                d.size,
+                fs,
+                pt,
+                arch
+            );
         }
         s += "\n";
     }
@@ -137,16 +191,28 @@ fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
         Ok(img) => {
             let sb = img.archive.superblock();
             match &img.located.partition {
-                Some(d) => s += &format!("SquashFS 4.0 in partition {} at byte {}\n", d.label(), img.located.start),
+                Some(d) => {
+                    s += &format!(
+                        "SquashFS 4.0 in partition {} at byte {}\n",
+                        d.label(),
+                        img.located.start
+                    )
+                }
                 None => s += &format!("SquashFS 4.0 at byte {}\n", img.located.start),
             }
             s += &format!("  compressor:  {}\n", sb.compressor.name());
             if let Some(o) = img.archive.compressor_options() {
-                s += &format!("  options:     {}\n", serde_json::to_string(o).expect("json"));
+                s += &format!(
+                    "  options:     {}\n",
+                    serde_json::to_string(o).expect("json")
+                );
             }
             s += &format!("  block size:  {}\n", sb.block_size);
             s += &format!("  size:        {} bytes\n", sb.bytes_used);
-            s += &format!("  inodes:      {}\n  fragments:   {}\n  ids:         {}\n", sb.inode_count, sb.fragment_count, sb.id_count);
+            s += &format!(
+                "  inodes:      {}\n  fragments:   {}\n  ids:         {}\n",
+                sb.inode_count, sb.fragment_count, sb.id_count
+            );
             s += &format!("  created:     {}\n", fmt_time(sb.mod_time as i64));
             s += &format!("  flags:       {}\n", flags::names(sb.flags).join(" "));
         }
@@ -160,7 +226,12 @@ fn fmt_time(t: i64) -> String {
     let days = t.div_euclid(86_400);
     let secs = t.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// Howard Hinnant's days-to-civil algorithm.
@@ -229,7 +300,11 @@ fn ls(archive: &Archive, path: &str, long: bool, recursive: bool) -> Result<()> 
     let start = archive.resolve(path.as_bytes())?;
     let mut stdout = io::BufWriter::new(io::stdout().lock());
     let show = |out: &mut dyn Write, inode: &Inode, name: &str| -> Result<()> {
-        let line = if long { long_line(inode, name) } else { name.to_string() };
+        let line = if long {
+            long_line(inode, name)
+        } else {
+            name.to_string()
+        };
         match writeln!(out, "{line}") {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => std::process::exit(0),
             r => r.map_err(out_err),
@@ -246,7 +321,11 @@ fn ls(archive: &Archive, path: &str, long: bool, recursive: bool) -> Result<()> 
         let base = path.trim_end_matches('/').as_bytes().to_vec();
         walk(archive, &start, &base, &mut |ev| match ev {
             Event::EnterDir { path, inode } | Event::Entry { path, inode } => {
-                let p = if path.is_empty() { "/".to_string() } else { String::from_utf8_lossy(path).into_owned() };
+                let p = if path.is_empty() {
+                    "/".to_string()
+                } else {
+                    String::from_utf8_lossy(path).into_owned()
+                };
                 show(&mut stdout, inode, &p)
             }
             Event::LeaveDir { .. } => Ok(()),
@@ -271,16 +350,35 @@ fn stat(archive: &Archive, path: &str) -> Result<()> {
         FileKind::Fifo => "fifo",
         FileKind::Socket => "socket",
     };
-    s += &format!("\n  Size: {:<12} Blocks: {:<8} {}\n", inode.size(), inode.blocks_512(), kind);
+    s += &format!(
+        "\n  Size: {:<12} Blocks: {:<8} {}\n",
+        inode.size(),
+        inode.blocks_512(),
+        kind
+    );
     s += &format!(" Inode: {:<12} Links: {}", inode.number, inode.nlink);
     if matches!(inode.kind, FileKind::BlockDevice | FileKind::CharDevice) {
         let (ma, mi) = inode.device_numbers();
         s += &format!("  Device type: {ma},{mi}");
     }
-    s += &format!("\nAccess: ({:04o}/{})  Uid: {}  Gid: {}\n", inode.permissions, mode_string(&inode), inode.uid, inode.gid);
-    s += &format!("Modify: {} ({})\n", fmt_time(inode.mtime as i64), inode.mtime);
+    s += &format!(
+        "\nAccess: ({:04o}/{})  Uid: {}  Gid: {}\n",
+        inode.permissions,
+        mode_string(&inode),
+        inode.uid,
+        inode.gid
+    );
+    s += &format!(
+        "Modify: {} ({})\n",
+        fmt_time(inode.mtime as i64),
+        inode.mtime
+    );
     for xa in archive.xattrs(&inode)? {
-        s += &format!(" Xattr: {}={}\n", String::from_utf8_lossy(&xa.name), escape(&xa.value));
+        s += &format!(
+            " Xattr: {}={}\n",
+            String::from_utf8_lossy(&xa.name),
+            escape(&xa.value)
+        );
     }
     emit(&mut io::stdout().lock(), &s)
 }
@@ -301,7 +399,9 @@ fn escape(v: &[u8]) -> String {
 
 fn cat(archive: &Archive, path: &str) -> Result<()> {
     let inode = archive.resolve(path.as_bytes())?;
-    let file = inode.as_file().ok_or_else(|| Error::NotAFile(path.to_string()))?;
+    let file = inode
+        .as_file()
+        .ok_or_else(|| Error::NotAFile(path.to_string()))?;
     let bs = archive.superblock().block_size;
     let mut stdout = io::stdout().lock();
     let zeros = vec![0u8; bs as usize];

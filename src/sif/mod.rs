@@ -43,7 +43,11 @@ pub enum SifError {
     #[error("SIF header is corrupt: {0}")]
     BadHeader(String),
     #[error("SIF descriptor table [{offset}, +{size}) lies outside the file ({file_len} bytes)")]
-    DescriptorsOutOfBounds { offset: i64, size: i64, file_len: u64 },
+    DescriptorsOutOfBounds {
+        offset: i64,
+        size: i64,
+        file_len: u64,
+    },
     #[error("SIF object {id} ({name:?}) at [{offset}, +{size}) lies outside the file ({file_len} bytes): the image is truncated or corrupt")]
     ObjectOutOfBounds {
         id: u32,
@@ -60,7 +64,9 @@ pub enum SifError {
     NoSuchPartition(String),
     #[error("SIF object {id} ({name:?}) is not a SquashFS partition ({what})")]
     NotSquashfs { id: u32, name: String, what: String },
-    #[error("SIF partition {id} ({name:?}) is {size} bytes, too small to hold a SquashFS superblock")]
+    #[error(
+        "SIF partition {id} ({name:?}) is {size} bytes, too small to hold a SquashFS superblock"
+    )]
     PartitionTooSmall { id: u32, name: String, size: i64 },
     #[error("cannot read the SIF header: {0}")]
     Read(String),
@@ -228,7 +234,10 @@ const ARCHES: [&str; 14] = [
 /// The Go architecture name of a two-digit SIF arch code, as stored (`b"02\0"`).
 pub fn arch_name(code: &[u8]) -> String {
     let digits = trim_nul(code);
-    match std::str::from_utf8(&digits).ok().and_then(|s| s.parse::<usize>().ok()) {
+    match std::str::from_utf8(&digits)
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+    {
         Some(n) if n < ARCHES.len() => ARCHES[n].to_string(),
         _ => format!("unknown({})", String::from_utf8_lossy(&digits)),
     }
@@ -364,7 +373,8 @@ impl SifImage {
         if file_len < HEADER_LEN {
             if file_len >= 42 {
                 let mut b = vec![0u8; file_len as usize];
-                src.read_exact_at(&mut b, 0).map_err(|e| SifError::Read(e.to_string()))?;
+                src.read_exact_at(&mut b, 0)
+                    .map_err(|e| SifError::Read(e.to_string()))?;
                 if !has_sif_magic(&b) {
                     return Err(SifError::BadMagic);
                 }
@@ -372,14 +382,18 @@ impl SifImage {
             return Err(SifError::Truncated("128-byte header"));
         }
         let mut h = [0u8; HEADER_LEN as usize];
-        src.read_exact_at(&mut h, 0).map_err(|e| SifError::Read(e.to_string()))?;
+        src.read_exact_at(&mut h, 0)
+            .map_err(|e| SifError::Read(e.to_string()))?;
         if !has_sif_magic(&h) {
             return Err(SifError::BadMagic);
         }
         if &h[42..45] != VERSION {
             return Err(SifError::UnsupportedVersion(text(&h[42..45])));
         }
-        let uuid = h[48..64].iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let uuid = h[48..64]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
         let header = Header {
             launch_script: text(&h[0..32]),
             version: text(&h[42..45]),
@@ -415,7 +429,9 @@ impl SifImage {
         }
         let table_len = total as u64 * DESCRIPTOR_LEN;
         let off = header.descriptors_offset;
-        let table_end = u64::try_from(off).ok().and_then(|o| o.checked_add(table_len));
+        let table_end = u64::try_from(off)
+            .ok()
+            .and_then(|o| o.checked_add(table_len));
         match table_end {
             Some(end) if off >= HEADER_LEN as i64 && end <= file_len => {}
             _ => {
@@ -464,12 +480,13 @@ impl SifImage {
     /// Every used object inside the file, and no two objects (nor an object and the
     /// header or descriptor table) overlapping.
     pub fn check_layout(&self) -> Result<(), SifError> {
-        let table_end = self.header.descriptors_offset + self.header.descriptors_total * DESCRIPTOR_LEN as i64;
-        let mut spans: Vec<(i64, i64, String)> = vec![(0, table_end, "the header and descriptor table".into())];
+        let table_end =
+            self.header.descriptors_offset + self.header.descriptors_total * DESCRIPTOR_LEN as i64;
+        let mut spans: Vec<(i64, i64, String)> =
+            vec![(0, table_end, "the header and descriptor table".into())];
         for d in &self.descriptors {
-            let inside = d.offset >= 0
-                && d.size >= 0
-                && d.end().is_some_and(|e| e as u64 <= self.file_len);
+            let inside =
+                d.offset >= 0 && d.size >= 0 && d.end().is_some_and(|e| e as u64 <= self.file_len);
             if !inside {
                 return Err(SifError::ObjectOutOfBounds {
                     id: d.id,
@@ -513,15 +530,12 @@ impl SifImage {
                 let squash: Vec<&Descriptor> = self
                     .descriptors
                     .iter()
-                    .filter(|d| {
-                        d.partition()
-                            .is_some_and(|p| p.fs_type == FsType::Squashfs)
-                    })
+                    .filter(|d| d.partition().is_some_and(|p| p.fs_type == FsType::Squashfs))
                     .collect();
-                let primary = squash
-                    .iter()
-                    .copied()
-                    .find(|d| d.partition().is_some_and(|p| p.part_type == PartType::PrimarySystem));
+                let primary = squash.iter().copied().find(|d| {
+                    d.partition()
+                        .is_some_and(|p| p.part_type == PartType::PrimarySystem)
+                });
                 match (primary, squash.as_slice()) {
                     (Some(d), _) => d,
                     (None, [only]) => *only,
@@ -578,7 +592,6 @@ impl fmt::Display for Descriptor {
         write!(f, "{}", self.label())
     }
 }
-
 
 #[cfg(test)]
 mod tests;

@@ -43,7 +43,11 @@ fn partition(name: &str, data: Vec<u8>, info: PartitionInfo) -> WriterObject {
 fn standard() -> Vec<u8> {
     build(vec![
         WriterObject::bytes(DataType::Deffile, "", b"bootstrap: scratch\n".to_vec()),
-        partition("rootfs", fake_squashfs(8192), squash_info(PartType::PrimarySystem)),
+        partition(
+            "rootfs",
+            fake_squashfs(8192),
+            squash_info(PartType::PrimarySystem),
+        ),
         WriterObject::bytes(DataType::Signature, "", vec![1; 100]),
     ])
 }
@@ -78,7 +82,11 @@ fn parses_what_the_writer_writes() {
 #[test]
 fn selects_by_id_and_name() {
     let b = build(vec![
-        partition("one", fake_squashfs(4096), squash_info(PartType::PrimarySystem)),
+        partition(
+            "one",
+            fake_squashfs(4096),
+            squash_info(PartType::PrimarySystem),
+        ),
         partition("two", fake_squashfs(4096), squash_info(PartType::Data)),
     ]);
     let img = SifImage::parse(&b).unwrap();
@@ -114,7 +122,10 @@ fn truncated_header() {
         SifImage::parse(&b[..100].to_vec()).unwrap_err(),
         SifError::Truncated("128-byte header")
     );
-    assert_eq!(SifImage::parse(&Vec::new()).unwrap_err(), SifError::Truncated("128-byte header"));
+    assert_eq!(
+        SifImage::parse(&Vec::new()).unwrap_err(),
+        SifError::Truncated("128-byte header")
+    );
 }
 
 #[test]
@@ -136,20 +147,35 @@ fn descriptor_table_out_of_bounds() {
     let mut b = standard();
     let near_end = b.len() as i64 - 100;
     put_i64(&mut b, 96, near_end);
-    assert!(matches!(SifImage::parse(&b).unwrap_err(), SifError::DescriptorsOutOfBounds { .. }));
+    assert!(matches!(
+        SifImage::parse(&b).unwrap_err(),
+        SifError::DescriptorsOutOfBounds { .. }
+    ));
     let mut b = standard();
     put_i64(&mut b, 96, -5);
-    assert!(matches!(SifImage::parse(&b).unwrap_err(), SifError::DescriptorsOutOfBounds { .. }));
+    assert!(matches!(
+        SifImage::parse(&b).unwrap_err(),
+        SifError::DescriptorsOutOfBounds { .. }
+    ));
     let mut b = standard();
     put_i64(&mut b, 88, 1 << 40);
-    assert!(matches!(SifImage::parse(&b).unwrap_err(), SifError::BadHeader(_)));
+    assert!(matches!(
+        SifImage::parse(&b).unwrap_err(),
+        SifError::BadHeader(_)
+    ));
     let mut b = standard();
     put_i64(&mut b, 88, -1);
-    assert!(matches!(SifImage::parse(&b).unwrap_err(), SifError::BadHeader(_)));
+    assert!(matches!(
+        SifImage::parse(&b).unwrap_err(),
+        SifError::BadHeader(_)
+    ));
     let mut b = standard();
     put_i64(&mut b, 88, 60_000);
     put_i64(&mut b, 104, 60_000 * 585);
-    assert!(matches!(SifImage::parse(&b).unwrap_err(), SifError::DescriptorsOutOfBounds { .. }));
+    assert!(matches!(
+        SifImage::parse(&b).unwrap_err(),
+        SifError::DescriptorsOutOfBounds { .. }
+    ));
 }
 
 #[test]
@@ -159,18 +185,27 @@ fn partition_outside_the_file() {
     put_i64(&mut b, d + 25, 1 << 40);
     let img = SifImage::parse(&b).unwrap();
     let e = img.select_partition(None).unwrap_err();
-    assert!(matches!(e, SifError::ObjectOutOfBounds { id: 2, .. }), "{e}");
+    assert!(
+        matches!(e, SifError::ObjectOutOfBounds { id: 2, .. }),
+        "{e}"
+    );
     assert!(e.to_string().contains("truncated"));
 
     let mut b = standard();
     put_i64(&mut b, d + 17, -4096);
     let img = SifImage::parse(&b).unwrap();
-    assert!(matches!(img.select_partition(None).unwrap_err(), SifError::ObjectOutOfBounds { .. }));
+    assert!(matches!(
+        img.select_partition(None).unwrap_err(),
+        SifError::ObjectOutOfBounds { .. }
+    ));
 
     let mut b = standard();
     put_i64(&mut b, d + 17, i64::MAX);
     let img = SifImage::parse(&b).unwrap();
-    assert!(matches!(img.select_partition(None).unwrap_err(), SifError::ObjectOutOfBounds { .. }));
+    assert!(matches!(
+        img.select_partition(None).unwrap_err(),
+        SifError::ObjectOutOfBounds { .. }
+    ));
 }
 
 #[test]
@@ -180,7 +215,10 @@ fn truncated_file() {
     let p = img.select_partition(None).unwrap().clone();
     let cut = b[..p.offset as usize + 100].to_vec();
     let img = SifImage::parse(&cut).unwrap();
-    assert!(matches!(img.select_partition(None).unwrap_err(), SifError::ObjectOutOfBounds { .. }));
+    assert!(matches!(
+        img.select_partition(None).unwrap_err(),
+        SifError::ObjectOutOfBounds { .. }
+    ));
 }
 
 #[test]
@@ -189,7 +227,10 @@ fn overlapping_objects() {
     let first = SifImage::parse(&b).unwrap().descriptors[0].offset;
     put_i64(&mut b, desc_at(1) + 17, first);
     let img = SifImage::parse(&b).unwrap();
-    assert!(matches!(img.select_partition(None).unwrap_err(), SifError::Overlap { .. }));
+    assert!(matches!(
+        img.select_partition(None).unwrap_err(),
+        SifError::Overlap { .. }
+    ));
 
     let mut b = standard();
     put_i64(&mut b, desc_at(1) + 17, 200);
@@ -200,9 +241,16 @@ fn overlapping_objects() {
 
 #[test]
 fn partition_too_small() {
-    let b = build(vec![partition("tiny", vec![0u8; 50], squash_info(PartType::PrimarySystem))]);
+    let b = build(vec![partition(
+        "tiny",
+        vec![0u8; 50],
+        squash_info(PartType::PrimarySystem),
+    )]);
     let img = SifImage::parse(&b).unwrap();
-    assert!(matches!(img.select_partition(None).unwrap_err(), SifError::PartitionTooSmall { size: 50, .. }));
+    assert!(matches!(
+        img.select_partition(None).unwrap_err(),
+        SifError::PartitionTooSmall { size: 50, .. }
+    ));
 }
 
 #[test]
@@ -217,7 +265,10 @@ fn no_squashfs_partition() {
         partition("ext", vec![0; 4096], ext3),
     ]);
     let img = SifImage::parse(&b).unwrap();
-    assert!(matches!(img.select_partition(None).unwrap_err(), SifError::NoSquashfsPartition(_)));
+    assert!(matches!(
+        img.select_partition(None).unwrap_err(),
+        SifError::NoSquashfsPartition(_)
+    ));
     let e = img.select_partition(Some("2")).unwrap_err();
     assert!(matches!(e, SifError::NotSquashfs { .. }));
     assert!(e.to_string().contains("Ext3"));
@@ -233,7 +284,10 @@ fn encrypted_rootfs_is_named() {
         arch: arch_code("amd64").unwrap(),
     };
     let b = build(vec![partition("enc", vec![0; 4096], enc)]);
-    let e = SifImage::parse(&b).unwrap().select_partition(None).unwrap_err();
+    let e = SifImage::parse(&b)
+        .unwrap()
+        .select_partition(None)
+        .unwrap_err();
     assert!(e.to_string().contains("encrypted"), "{e}");
 }
 
@@ -251,8 +305,19 @@ fn several_squashfs_without_primary_needs_a_choice() {
 
 #[test]
 fn only_squashfs_partition_is_used_without_primary_mark() {
-    let b = build(vec![partition("a", fake_squashfs(4096), squash_info(PartType::System))]);
-    assert_eq!(SifImage::parse(&b).unwrap().select_partition(None).unwrap().name, "a");
+    let b = build(vec![partition(
+        "a",
+        fake_squashfs(4096),
+        squash_info(PartType::System),
+    )]);
+    assert_eq!(
+        SifImage::parse(&b)
+            .unwrap()
+            .select_partition(None)
+            .unwrap()
+            .name,
+        "a"
+    );
 }
 
 #[test]
@@ -266,7 +331,9 @@ fn unused_slots_between_used_ones_are_skipped() {
 
 #[test]
 fn arch_names_round_trip() {
-    for name in ["386", "amd64", "arm64", "ppc64le", "s390x", "riscv64", "loong64"] {
+    for name in [
+        "386", "amd64", "arm64", "ppc64le", "s390x", "riscv64", "loong64",
+    ] {
         assert_eq!(arch_name(&arch_code(name).unwrap()), name);
     }
     assert_eq!(arch_name(b"99\0"), "unknown(99)");

@@ -6,7 +6,9 @@ use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
-use super::{arch_code, DataType, PartitionInfo, DESCRIPTOR_LEN, GROUP_MASK, HEADER_LEN, MAGIC, VERSION};
+use super::{
+    arch_code, DataType, PartitionInfo, DESCRIPTOR_LEN, GROUP_MASK, HEADER_LEN, MAGIC, VERSION,
+};
 
 const ALIGN: u64 = 4096;
 
@@ -138,11 +140,23 @@ impl SifWriter {
             put_i32(&mut d, 0, o.data_type.to_raw());
             d[4] = 1;
             put_u32(&mut d, 5, i as u32 + 1);
-            put_u32(&mut d, 9, if o.group == 0 { 0 } else { o.group | GROUP_MASK });
+            put_u32(
+                &mut d,
+                9,
+                if o.group == 0 {
+                    0
+                } else {
+                    o.group | GROUP_MASK
+                },
+            );
             put_u32(&mut d, 13, o.link);
             put_i64(&mut d, 17, offsets[i] as i64);
             put_i64(&mut d, 25, len as i64);
-            let padded = if i + 1 < offsets.len() { offsets[i + 1] } else { offsets[i] + len };
+            let padded = if i + 1 < offsets.len() {
+                offsets[i + 1]
+            } else {
+                offsets[i] + len
+            };
             put_i64(&mut d, 33, (padded - offsets[i]) as i64);
             put_i64(&mut d, 41, self.time);
             put_i64(&mut d, 49, self.time);
