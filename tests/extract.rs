@@ -15,7 +15,10 @@ use sifuse::sif::{arch_code, FsType, PartType, PartitionInfo, SifWriter, WriterO
 fn scratch(name: &str) -> tempfile::TempDir {
     let base = common::fixtures::target_tmpdir();
     std::fs::create_dir_all(&base).unwrap();
-    tempfile::Builder::new().prefix(name).tempdir_in(base).unwrap()
+    tempfile::Builder::new()
+        .prefix(name)
+        .tempdir_in(base)
+        .unwrap()
 }
 
 fn options_for(name: &str) -> CompareOptions {
@@ -26,14 +29,24 @@ fn options_for(name: &str) -> CompareOptions {
 }
 
 fn extract_spec(spec: &ImageSpec, dest: &Path) {
-    let img = image::open(spec, 64 << 20).unwrap_or_else(|e| panic!("{}: {e}", spec.path.display()));
-    let opts = ExtractOptions { progress: false, owners: true };
-    extract(&img.archive, b"/", dest, &opts).unwrap_or_else(|e| panic!("{}: {e}", spec.path.display()));
+    let img =
+        image::open(spec, 64 << 20).unwrap_or_else(|e| panic!("{}: {e}", spec.path.display()));
+    let opts = ExtractOptions {
+        progress: false,
+        owners: true,
+    };
+    extract(&img.archive, b"/", dest, &opts)
+        .unwrap_or_else(|e| panic!("{}: {e}", spec.path.display()));
 }
 
 fn assert_same(expected: &Path, actual: &Path, opts: &CompareOptions, what: &str) {
     let diffs = compare_trees(expected, actual, opts);
-    assert!(diffs.is_empty(), "{what}: {} differences:\n{}", diffs.len(), diffs.join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
 }
 
 /// The sparse file's 200 MB hole stays a hole.
@@ -41,13 +54,22 @@ fn assert_sparse(root: &Path) {
     let fx = fixtures();
     let mut found = false;
     for entry in std::fs::read_dir(fx.tree.join("sparse")).unwrap() {
-        let rel = entry.unwrap().path().strip_prefix(&fx.tree).unwrap().to_path_buf();
+        let rel = entry
+            .unwrap()
+            .path()
+            .strip_prefix(&fx.tree)
+            .unwrap()
+            .to_path_buf();
         let src = fx.tree.join(&rel);
         let meta = std::fs::metadata(&src).unwrap();
         if meta.len() > 100 << 20 {
             found = true;
             let got = sparse_allocated_bytes(&root.join(&rel));
-            assert!(got < 16 << 20, "{}: {got} bytes allocated for a file that is mostly hole", rel.display());
+            assert!(
+                got < 16 << 20,
+                "{}: {got} bytes allocated for a file that is mostly hole",
+                rel.display()
+            );
         }
     }
     assert!(found, "the fixture tree has a large sparse file");
@@ -59,7 +81,12 @@ fn check_image(name: &str) {
     let dir = scratch(&format!("extract-{name}-"));
     let ours = dir.path().join("ours");
     extract_spec(&ImageSpec::new(img), &ours);
-    assert_same(&fx.tree, &ours, &options_for(name), &format!("{name}: source tree vs sifuse extract"));
+    assert_same(
+        &fx.tree,
+        &ours,
+        &options_for(name),
+        &format!("{name}: source tree vs sifuse extract"),
+    );
     if !name.contains("no-sparse") {
         assert_sparse(&ours);
     }
@@ -71,8 +98,17 @@ fn check_image(name: &str) {
         .arg(img)
         .output()
         .expect("run unsquashfs");
-    assert!(out.status.success(), "unsquashfs {name}: {}", String::from_utf8_lossy(&out.stderr));
-    assert_same(&theirs, &ours, &options_for(name), &format!("{name}: unsquashfs vs sifuse extract"));
+    assert!(
+        out.status.success(),
+        "unsquashfs {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same(
+        &theirs,
+        &ours,
+        &options_for(name),
+        &format!("{name}: unsquashfs vs sifuse extract"),
+    );
 }
 
 macro_rules! image_tests {
@@ -120,10 +156,17 @@ fn wrap_in_sif(image: &Path, sif: &Path) {
         arch: arch_code("amd64").unwrap(),
     };
     let mut data = WriterObject::partition("data", PathBuf::from("/dev/null"), info);
-    data.partition = Some(PartitionInfo { part_type: PartType::Data, ..info });
+    data.partition = Some(PartitionInfo {
+        part_type: PartType::Data,
+        ..info
+    });
     let w = SifWriter {
         objects: vec![
-            WriterObject::bytes(sifuse::sif::DataType::Deffile, "", b"bootstrap: scratch\n".to_vec()),
+            WriterObject::bytes(
+                sifuse::sif::DataType::Deffile,
+                "",
+                b"bootstrap: scratch\n".to_vec(),
+            ),
             data,
             WriterObject::partition("rootfs", image.to_path_buf(), info),
         ],
@@ -145,16 +188,35 @@ fn extract_through_sif_and_offset() {
     assert_same(&fx.tree, &by_default, &opts, "SIF, primary partition");
 
     let by_name = dir.path().join("name");
-    extract_spec(&ImageSpec { partition: Some("rootfs".into()), ..ImageSpec::new(&sif) }, &by_name);
+    extract_spec(
+        &ImageSpec {
+            partition: Some("rootfs".into()),
+            ..ImageSpec::new(&sif)
+        },
+        &by_name,
+    );
     assert_same(&fx.tree, &by_name, &opts, "SIF, --partition rootfs");
 
     let located = image::locate(&ImageSpec::new(&sif)).unwrap();
     let by_offset = dir.path().join("offset");
-    extract_spec(&ImageSpec { offset: Some(located.start), ..ImageSpec::new(&sif) }, &by_offset);
+    extract_spec(
+        &ImageSpec {
+            offset: Some(located.start),
+            ..ImageSpec::new(&sif)
+        },
+        &by_offset,
+    );
     assert_same(&fx.tree, &by_offset, &opts, "SIF, --offset");
 
     // The data partition is empty: choosing it names the problem.
-    let e = image::open(&ImageSpec { partition: Some("data".into()), ..ImageSpec::new(&sif) }, 1 << 20).unwrap_err();
+    let e = image::open(
+        &ImageSpec {
+            partition: Some("data".into()),
+            ..ImageSpec::new(&sif)
+        },
+        1 << 20,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("too small"), "{e}");
 }
 
@@ -164,7 +226,16 @@ fn extract_refuses_a_non_empty_destination() {
     let dir = scratch("extract-nonempty-");
     std::fs::write(dir.path().join("x"), b"x").unwrap();
     let img = image::open(&ImageSpec::new(fx.image("gzip")), 1 << 20).unwrap();
-    let e = extract(&img.archive, b"/", dir.path(), &ExtractOptions { progress: false, owners: true }).unwrap_err();
+    let e = extract(
+        &img.archive,
+        b"/",
+        dir.path(),
+        &ExtractOptions {
+            progress: false,
+            owners: true,
+        },
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("non-empty"), "{e}");
 }
 
@@ -181,6 +252,20 @@ fn extract_of_a_subdirectory() {
         .unwrap()
         .file_name();
     let sub = sub.to_str().unwrap();
-    extract(&img.archive, sub.as_bytes(), &dest, &ExtractOptions { progress: false, owners: true }).unwrap();
-    assert_same(&fx.tree.join(sub), &dest, &options_for("gzip"), "subdirectory extract");
+    extract(
+        &img.archive,
+        sub.as_bytes(),
+        &dest,
+        &ExtractOptions {
+            progress: false,
+            owners: true,
+        },
+    )
+    .unwrap();
+    assert_same(
+        &fx.tree.join(sub),
+        &dest,
+        &options_for("gzip"),
+        "subdirectory extract",
+    );
 }

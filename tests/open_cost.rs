@@ -23,7 +23,14 @@ fn build_image(dir: &Path, files: usize, name: &str) -> std::path::PathBuf {
         .arg(&tree)
         .arg(&img)
         // -no-duplicates: duplicate detection is quadratic over 100k same-sized files.
-        .args(["-noappend", "-quiet", "-no-progress", "-comp", "gzip", "-no-duplicates"])
+        .args([
+            "-noappend",
+            "-quiet",
+            "-no-progress",
+            "-comp",
+            "gzip",
+            "-no-duplicates",
+        ])
         .status()
         .expect("mksquashfs (apt-get install squashfs-tools)");
     assert!(st.success());
@@ -43,17 +50,32 @@ fn open_counting(img: &Path) -> (u64, u64, u64) {
 fn open_cost_does_not_grow_with_the_image() {
     // tmpfs when there is one: 100k small files on a disk file system take minutes.
     let shm = Path::new("/dev/shm");
-    let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
+    let dir = if shm.is_dir() {
+        tempfile::tempdir_in(shm)
+    } else {
+        tempfile::tempdir()
+    }
+    .unwrap();
     let small = build_image(dir.path(), 10, "small");
     let large = build_image(dir.path(), 100_000, "large");
     let (small_bytes, small_reads, small_len) = open_counting(&small);
     let (large_bytes, large_reads, large_len) = open_counting(&large);
-    eprintln!("10 files: {small_len} byte image, open read {small_bytes} bytes in {small_reads} reads");
-    eprintln!("100k files: {large_len} byte image, open read {large_bytes} bytes in {large_reads} reads");
-    assert!(large_len > 50 * small_len, "the large image is large ({large_len} vs {small_len})");
+    eprintln!(
+        "10 files: {small_len} byte image, open read {small_bytes} bytes in {small_reads} reads"
+    );
+    eprintln!(
+        "100k files: {large_len} byte image, open read {large_bytes} bytes in {large_reads} reads"
+    );
+    assert!(
+        large_len > 50 * small_len,
+        "the large image is large ({large_len} vs {small_len})"
+    );
     assert_eq!(small_reads, large_reads, "the same reads whatever the size");
     // Superblock, one metadata block for the root inode, the id index and one id block.
     let bound = 96 + 2 * 8194 + 8;
-    assert!(large_bytes <= bound, "open read {large_bytes} bytes (bound {bound})");
+    assert!(
+        large_bytes <= bound,
+        "open read {large_bytes} bytes (bound {bound})"
+    );
     assert!(small_bytes <= bound);
 }
