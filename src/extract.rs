@@ -207,7 +207,14 @@ impl Extractor<'_> {
 
     fn write_file(&mut self, p: &Path, inode: &Inode) -> Result<()> {
         let info = inode.as_file().expect("regular file");
-        let f = File::create(p).map_err(|e| io_at(p, "cannot create", e))?;
+        // create_new (O_EXCL): never open what is already there. A hostile image could
+        // otherwise place a symlink to a host file and then a regular file of the same name
+        // and have the extraction write through it.
+        let f = File::options()
+            .write(true)
+            .create_new(true)
+            .open(p)
+            .map_err(|e| io_at(p, "cannot create", e))?;
         let bs = self.archive.superblock().block_size as u64;
         for index in 0..info.block_count(bs as u32) {
             let block = self.archive.file_block(info, index)?;

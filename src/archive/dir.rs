@@ -11,6 +11,11 @@ use super::Archive;
 pub const MAX_NAME: usize = 256;
 /// Entries per directory header, at most.
 const MAX_RUN: u32 = 256;
+/// Entries one directory may hold (4 Mi: more than any real dataset directory), and name
+/// bytes across them. A listing is decoded into memory whole, and a hostile image can
+/// describe a listing far larger than itself (repeated entries compress to nothing).
+pub const MAX_DIR_ENTRIES: usize = 1 << 22;
+const MAX_DIR_NAME_BYTES: usize = 128 << 20;
 
 /// One directory entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,11 +156,32 @@ impl Archive {
     }
 
     /// Every entry of a directory, in stored (sorted) order, without "." and "..".
+    /// Names must be strictly ascending, as mksquashfs writes them and lookups assume: a
+    /// duplicate name is corrupt (and would make an extraction write through the first).
     pub fn read_dir(&self, dir: &Inode) -> Result<Vec<DirEntry>> {
         let (pos, size) = self.listing_start(dir)?;
         let mut r = ListingReader::new(self, pos, size, 0)?;
-        let mut out = Vec::new();
+        let mut out: Vec<DirEntry> = Vec::new();
+        let mut name_bytes = 0usize;
         while let Some(e) = r.next_entry()? {
+            if let Some(prev) = out.last() {
+                if prev.name >= e.name {
+                    return Err(Error::corrupt(format!(
+                        "directory inode {}: entry {:?} follows {:?} (duplicate or out of order)",
+                        dir.number,
+                        String::from_utf8_lossy(&e.name),
+                        String::from_utf8_lossy(&prev.name)
+                    )));
+                }
+            }
+            name_bytes += e.name.len();
+            if out.len() >= MAX_DIR_ENTRIES || name_bytes > MAX_DIR_NAME_BYTES {
+                return Err(Error::Unsupported(format!(
+                    "directory inode {} has more than {MAX_DIR_ENTRIES} entries or \
+                     {MAX_DIR_NAME_BYTES} bytes of names",
+                    dir.number
+                )));
+            }
             out.push(e);
         }
         Ok(out)

@@ -110,8 +110,9 @@ impl Archive {
         })
     }
 
-    /// Image offset and size word of fragment block `index`.
-    fn fragment_entry(&self, index: u32) -> Result<(u64, u32)> {
+    /// Image offset and size word of fragment block `index` (an entry of the fragment
+    /// table).
+    pub fn fragment_entry(&self, index: u32) -> Result<(u64, u32)> {
         let mut e = [0u8; 16];
         self.fragments.read_entry(self, index as u64, &mut e)?;
         let pos = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes"));

@@ -146,6 +146,11 @@ pub struct Inode {
 
 /// Longest symlink target the kernel accepts (it refuses more than a page).
 pub const MAX_SYMLINK: u32 = 4096;
+/// Most blocks one regular file may have: 16 GiB at 4 KiB blocks, 512 GiB at 128 KiB,
+/// 4 TiB at 1 MiB. The decoded block list costs 12 bytes a block, and a hostile image can
+/// describe a list far longer than itself (zero words for sparse blocks compress to
+/// nothing), so its length needs a fixed ceiling.
+pub const MAX_FILE_BLOCKS: u64 = 1 << 22;
 const NO_INDEX: u32 = u32::MAX;
 
 impl Inode {
@@ -402,6 +407,13 @@ impl Archive {
         } else {
             file_size.div_ceil(bs)
         };
+        if count > MAX_FILE_BLOCKS {
+            return Err(Error::Unsupported(format!(
+                "inode {:#x} is a file of {file_size} bytes in {count} blocks; sifuse reads \
+                 files of at most {MAX_FILE_BLOCKS} blocks",
+                iref.0
+            )));
+        }
         if let Some(f) = fragment {
             if f.index >= self.sb.fragment_count {
                 return Err(Error::corrupt(format!(

@@ -193,20 +193,17 @@ impl Archive {
         Ok(cur)
     }
 
-    /// Statistics for statfs.
+    /// Statistics for statfs, as the kernel's squashfs_statfs reports them: the SquashFS
+    /// block size, and the image size in those blocks, rounded up.
     pub fn statfs(&self) -> StatFs {
-        // What the kernel's squashfs_statfs reports on a loop device: 1 KiB device blocks.
         StatFs {
-            block_size: STATFS_BLOCK,
-            blocks: self.sb.bytes_used.div_ceil(STATFS_BLOCK as u64),
+            block_size: self.sb.block_size,
+            blocks: self.sb.bytes_used.div_ceil(self.sb.block_size as u64),
             files: self.sb.inode_count as u64,
             name_max: dir::MAX_NAME as u32,
         }
     }
 }
-
-/// The device block size the kernel driver uses on a loop device (SQUASHFS_DEVBLK_SIZE).
-const STATFS_BLOCK: u32 = 1024;
 
 /// Figures statfs reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -278,8 +278,10 @@ fn walk_visits_everything_once() {
 fn statfs_matches_the_kernel_formula() {
     let a = open("tiny-gzip.sqfs");
     let s = a.statfs();
-    assert_eq!(s.block_size, 1024);
-    assert_eq!(s.blocks, a.superblock().bytes_used.div_ceil(1024));
+    // squashfs_statfs: f_bsize is the block size, f_blocks = ((bytes_used - 1) >> block_log) + 1.
+    let sb = a.superblock();
+    assert_eq!(s.block_size, sb.block_size);
+    assert_eq!(s.blocks, ((sb.bytes_used - 1) >> sb.block_log) + 1);
     assert_eq!(s.files, 615);
     assert_eq!(s.name_max, 256);
 }

@@ -84,11 +84,8 @@ impl Archive {
                 inode.number
             ))
         })?;
-        let mut e = [0u8; 16];
-        table.ids.read_entry(self, index as u64, &mut e)?;
-        let xref = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes"));
-        let count = u32::from_le_bytes(e[8..12].try_into().expect("4 bytes"));
-        let total = u32::from_le_bytes(e[12..16].try_into().expect("4 bytes")) as usize;
+        let (xref, count, total) = self.xattr_entry(table, index)?;
+        let total = total as usize;
         let mut r = MetadataReader::new(self, self.xattr_pos(table, xref)?);
         // Each pair takes at least 8 bytes, so `total` bounds the count honestly.
         if count as usize > total / 8 + 1 {
@@ -96,7 +93,9 @@ impl Archive {
                 "xattr entry {index} claims {count} attributes in {total} bytes"
             )));
         }
-        let mut out = Vec::with_capacity(count as usize);
+        // `count` comes from disk (up to 2^29 passes the check above): grow as pairs are
+        // actually read rather than reserving for it.
+        let mut out = Vec::with_capacity((count as usize).min(64));
         for _ in 0..count {
             let kind = r.u16()?;
             let name_len = r.u16()? as usize;
@@ -130,6 +129,30 @@ impl Archive {
             }
         }
         Ok(out)
+    }
+
+    /// st_blocks as the kernel reports it: the data blocks plus, for an inode with xattrs,
+    /// the 512-byte units its xattr set takes (squashfs_read_inode adds them to i_blocks,
+    /// with the kernel's unsigned 32-bit arithmetic).
+    pub fn stat_blocks(&self, inode: &Inode) -> Result<u64> {
+        let data = inode.blocks_512();
+        // The kernel ignores an xattr index when the image has no xattr table.
+        let (Some(index), Some(table)) = (inode.xattr_index, self.xattr_table()?) else {
+            return Ok(data);
+        };
+        let (_, _, size) = self.xattr_entry(table, index)?;
+        Ok(data + u64::from((size.wrapping_sub(1) >> 9) + 1))
+    }
+
+    /// Entry `index` of the xattr id table: where the key/value pairs start, how many there
+    /// are, and how many bytes they take.
+    fn xattr_entry(&self, table: &XattrTable, index: u32) -> Result<(u64, u32, u32)> {
+        let mut e = [0u8; 16];
+        table.ids.read_entry(self, index as u64, &mut e)?;
+        let xref = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes"));
+        let count = u32::from_le_bytes(e[8..12].try_into().expect("4 bytes"));
+        let size = u32::from_le_bytes(e[12..16].try_into().expect("4 bytes"));
+        Ok((xref, count, size))
     }
 
     fn xattr_pos(&self, table: &XattrTable, xref: u64) -> Result<MetaPos> {
