@@ -53,6 +53,9 @@ pub fn run(cli: Cli) -> Result<()> {
             sifuse::extract::extract(&img.archive, path.as_bytes(), &dest, &opts)?;
             Ok(())
         }
+        Command::Mount(args) => super::mount::mount(&args),
+        Command::Umount(args) => super::mount::umount(&args),
+        Command::Completions { shell } => Ok(super::docs::completions(shell)?),
     }
 }
 
@@ -353,7 +356,7 @@ fn stat(archive: &Archive, path: &str) -> Result<()> {
     s += &format!(
         "\n  Size: {:<12} Blocks: {:<8} {}\n",
         inode.size(),
-        inode.blocks_512(),
+        archive.stat_blocks(&inode)?,
         kind
     );
     s += &format!(" Inode: {:<12} Links: {}", inode.number, inode.nlink);

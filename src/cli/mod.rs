@@ -2,6 +2,8 @@
 //! completions) and the commands that run on the archive layer directly.
 
 mod commands;
+mod docs;
+mod mount;
 
 use std::path::PathBuf;
 
@@ -91,5 +93,14 @@ pub enum Command {
         /// Never show a progress bar
         #[arg(long, short = 'q')]
         quiet: bool,
+    },
+    /// Mount the image read-only over FUSE, as the kernel's squashfs driver would show it
+    Mount(mount::MountArgs),
+    /// Unmount a sifuse mount (umount2 as root, fusermount3 otherwise)
+    Umount(mount::UmountArgs),
+    /// Print a shell completion script
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
     },
 }

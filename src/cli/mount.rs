@@ -1,0 +1,184 @@
+//! `sifuse mount` and `sifuse umount`: flags and `-o` lists into one set of mount options,
+//! then the mount layer.
+
+use std::io::{self, IsTerminal};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use sifuse::fuse::owners::IdRange;
+use sifuse::mount::options::{MountOptions, OptionError};
+use sifuse::mount::sys::LinuxSyscalls;
+use sifuse::mount::{MountError, MountRequest};
+use sifuse::{Error, Result};
+
+use super::ImageArgs;
+
+/// What `-o` accepts, for `sifuse mount --help` and the man page.
+pub const MOUNT_OPTIONS_HELP: &str = "\
+Mount options (-o OPT[,OPT...], repeatable; applied after the flags, later ones win; \
+a backslash escapes a comma inside a value):
+  offset=N               byte offset of the SquashFS image inside IMAGE
+  partition=ID|NAME      SIF partition to serve (default: the primary system partition)
+  subdir=PATH            serve PATH inside the image as the root
+  uid=N, gid=N           show every entry as owned by N
+  uidmap=IN:OUT:COUNT    show image owners IN..IN+COUNT as OUT..OUT+COUNT, as a user
+  gidmap=IN:OUT:COUNT      namespace map does; repeatable; unmapped ids show as 65534
+  allow_other            let every user use the mount (mode bits are then enforced)
+  allow_root             let root use the mount too (mode bits are then enforced)
+  suid, dev              honour set-id bits and device files (default: nosuid, nodev)
+  timeout=N              unmount after N seconds without requests and with nothing open
+  notify_pipe=FIFO       write 's' to FIFO once the mount is live, 'f' if mounting failed
+  cache_size=MiB         decompressed block cache (default: 64)
+  threads=N              request threads (also max_threads=N)
+  fsname=NAME            mount source shown in mountinfo (default: the image path)
+  subtype=NAME           mountinfo shows the type as fuse.NAME (default: sifuse)
+  debug                  same as -d
+  ro, nosuid, nodev, default_permissions, nonempty, clone_fd, max_idle_threads=N
+                         accepted for squashfuse compatibility
+
+The mount is always read-only. Without -f, sifuse returns once the mount answers, and \
+keeps serving in the background until the mount goes away (umount, fusermount3 -u, \
+sifuse umount) or it receives SIGTERM, SIGINT or SIGHUP, which unmount lazily.";
+
+/// `sifuse mount`.
+#[derive(Debug, Args)]
+#[command(after_long_help = MOUNT_OPTIONS_HELP)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// Directory to mount on, or /dev/fd/N naming an already mounted /dev/fuse descriptor
+    pub mountpoint: PathBuf,
+    /// Mount options, squashfuse style (see below)
+    #[arg(short = 'o', value_name = "OPT[,OPT...]")]
+    pub options: Vec<String>,
+    /// Stay in the foreground instead of becoming a daemon
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// Log every request to stderr (implies --foreground)
+    #[arg(short = 'd', long)]
+    pub debug: bool,
+    /// Serve this directory inside the image as the root
+    #[arg(long, value_name = "PATH")]
+    pub subdir: Option<String>,
+    /// Show every entry as owned by this user id
+    #[arg(long, value_name = "N")]
+    pub uid: Option<u32>,
+    /// Show every entry as owned by this group id
+    #[arg(long, value_name = "N")]
+    pub gid: Option<u32>,
+    /// Shift owner ids as a user namespace map does (repeatable)
+    #[arg(long, value_name = "INSIDE:OUTSIDE:COUNT")]
+    pub uidmap: Vec<IdRange>,
+    /// Shift group ids as a user namespace map does (repeatable)
+    #[arg(long, value_name = "INSIDE:OUTSIDE:COUNT")]
+    pub gidmap: Vec<IdRange>,
+    /// Let every user use the mount; the kernel then enforces mode bits
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Let root use the mount too; the kernel then enforces mode bits
+    #[arg(long)]
+    pub allow_root: bool,
+    /// Honour set-user-id and set-group-id bits
+    #[arg(long)]
+    pub suid: bool,
+    /// Honour device files
+    #[arg(long)]
+    pub dev: bool,
+    /// Unmount after this many seconds without requests and with nothing open
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    /// FIFO that receives 's' once the mount is live, 'f' if mounting failed
+    #[arg(long, value_name = "FIFO")]
+    pub notify_pipe: Option<PathBuf>,
+    /// Decompressed block cache size in MiB [default: 64]
+    #[arg(long, value_name = "MiB")]
+    pub cache_size: Option<u64>,
+    /// Request threads [default: one per CPU, 2 to 16]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+impl MountArgs {
+    /// The mount request: flags first, then the `-o` lists.
+    pub fn request(&self) -> std::result::Result<MountRequest, OptionError> {
+        let mut o = MountOptions {
+            offset: self.image.offset,
+            partition: self.image.partition.clone(),
+            subdir: self.subdir.clone(),
+            uid: self.uid,
+            gid: self.gid,
+            uidmap: self.uidmap.clone(),
+            gidmap: self.gidmap.clone(),
+            allow_other: self.allow_other,
+            allow_root: self.allow_root,
+            suid: self.suid,
+            dev: self.dev,
+            timeout: self.timeout.unwrap_or(0),
+            notify_pipe: self.notify_pipe.clone(),
+            threads: self.threads,
+            foreground: self.foreground || self.debug,
+            debug: self.debug,
+            ..MountOptions::default()
+        };
+        if let Some(mib) = self.cache_size {
+            o.cache_size_mib = mib;
+        }
+        for list in &self.options {
+            o.apply(list)?;
+        }
+        Ok(MountRequest {
+            image: self.image.image.clone(),
+            mountpoint: self.mountpoint.clone(),
+            options: o,
+        })
+    }
+}
+
+/// `sifuse umount`.
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    /// The mount point
+    pub mountpoint: PathBuf,
+    /// Detach now and finish once nothing uses the mount (umount -l, fusermount3 -z)
+    #[arg(short = 'l', visible_short_alias = 'z', long)]
+    pub lazy: bool,
+}
+
+/// An error of the mount layer as the binary reports it: one line.
+fn mount_error(e: MountError) -> Error {
+    match e {
+        MountError::Image(e) => e,
+        e => Error::Io(io::Error::other(e.to_string())),
+    }
+}
+
+/// Log to stderr: warnings, or with --debug every request (fuser logs them at debug level).
+/// RUST_LOG overrides.
+fn init_logging(debug: bool) {
+    let default = if debug {
+        "sifuse=debug,fuser=debug"
+    } else {
+        "sifuse=warn,fuser=warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .try_init();
+}
+
+/// Run `sifuse mount`.
+pub fn mount(args: &MountArgs) -> Result<()> {
+    let req = args.request().map_err(|e| mount_error(e.into()))?;
+    init_logging(req.options.debug);
+    sifuse::mount::mount(&req, Arc::new(LinuxSyscalls)).map_err(mount_error)
+}
+
+/// Run `sifuse umount`.
+pub fn umount(args: &UmountArgs) -> Result<()> {
+    sifuse::mount::umount(&LinuxSyscalls, &args.mountpoint, args.lazy).map_err(mount_error)
+}

@@ -1,0 +1,91 @@
+//! Open files and directories. A handle keeps what open decoded (a file's block list, a
+//! directory's entries) so that reads and readdirs do not decode it again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::archive::{DirEntry, Inode};
+
+/// An open regular file.
+#[derive(Debug)]
+pub struct OpenFile {
+    pub inode: Inode,
+}
+
+/// An open directory: its entries in stored order, and the numbers `.` and `..` report.
+#[derive(Debug)]
+pub struct OpenDir {
+    pub number: u32,
+    pub parent: u32,
+    pub entries: Vec<DirEntry>,
+}
+
+/// Handles of one kind, by the id given to the kernel.
+#[derive(Debug)]
+pub struct HandleTable<T> {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<T>>>,
+}
+
+impl<T> Default for HandleTable<T> {
+    fn default() -> Self {
+        HandleTable {
+            next: AtomicU64::new(1),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T> HandleTable<T> {
+    /// Keep `value`; returns its handle id.
+    pub fn insert(&self, value: T) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, Arc::new(value));
+        id
+    }
+
+    /// The value behind handle `id`.
+    pub fn get(&self, id: u64) -> Option<Arc<T>> {
+        self.lock().get(&id).cloned()
+    }
+
+    /// Drop handle `id`; returns whether it existed.
+    pub fn remove(&self, id: u64) -> bool {
+        self.lock().remove(&id).is_some()
+    }
+
+    /// Handles open now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no handle is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<T>>> {
+        // A panic while holding the lock leaves the map itself consistent.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_get_remove() {
+        let t = HandleTable::default();
+        let a = t.insert("a");
+        let b = t.insert("b");
+        assert_ne!(a, b);
+        assert_ne!(a, 0);
+        assert_eq!(t.get(a).as_deref(), Some(&"a"));
+        assert!(t.remove(a));
+        assert!(!t.remove(a));
+        assert!(t.get(a).is_none());
+        assert_eq!(t.len(), 1);
+    }
+}

@@ -1,0 +1,85 @@
+//! What /proc/self/mountinfo says is mounted at a path, so that `sifuse umount` touches
+//! nothing but FUSE mounts.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Undo the kernel's octal escapes in a mountinfo field (`\040` for a space, and so on).
+fn unescape(field: &str) -> PathBuf {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(OsStr::from_bytes(&out))
+}
+
+/// The line of the topmost mount at `path` in `mountinfo` text, if any.
+pub fn line_in<'a>(mountinfo: &'a str, path: &Path) -> Option<&'a str> {
+    mountinfo
+        .lines()
+        .rev()
+        .find(|line| line.split(' ').nth(4).map(unescape).as_deref() == Some(path))
+}
+
+/// The file system type on a mountinfo line: the field after the "-" separator that ends
+/// the optional fields.
+pub fn fs_type(line: &str) -> Option<&str> {
+    let mut fields = line.split(' ').skip_while(|f| *f != "-");
+    fields.next()?;
+    fields.next()
+}
+
+/// The mountinfo line of the topmost mount at `path` in this process's mount namespace.
+pub fn line_at(path: &Path) -> io::Result<Option<String>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(line_in(&info, path).map(str::to_string))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INFO: &str = "\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+42 27 0:39 / /tmp/a\\040b ro,nosuid,nodev,relatime shared:1 - fuse.sifuse /img.sif ro,user_id=0,group_id=0
+43 27 0:40 / /tmp/x rw - tmpfs none rw
+44 43 0:41 / /tmp/x ro - fuse.sifuse /other ro";
+
+    fn type_at(path: &str) -> Option<&'static str> {
+        line_in(INFO, Path::new(path)).and_then(fs_type)
+    }
+
+    #[test]
+    fn finds_the_topmost_mount_and_its_type() {
+        assert_eq!(type_at("/tmp/a b"), Some("fuse.sifuse"));
+        assert_eq!(type_at("/proc"), Some("proc"));
+        assert_eq!(type_at("/tmp/x"), Some("fuse.sifuse"));
+        assert!(line_in(INFO, Path::new("/tmp/x"))
+            .unwrap()
+            .ends_with("/other ro"));
+        assert_eq!(type_at("/tmp"), None);
+        assert_eq!(fs_type("no separator"), None);
+    }
+
+    #[test]
+    fn unescapes_octal() {
+        assert_eq!(unescape(r"/a\040b\011c\134d"), PathBuf::from("/a b\tc\\d"));
+        assert_eq!(unescape(r"/trailing\04"), PathBuf::from(r"/trailing\04"));
+    }
+}

@@ -1,0 +1,449 @@
+//! The life of a mount: daemon and foreground modes, unmounting ending the server, signals,
+//! the idle timeout, the notify pipe, failures that leave nothing mounted, mounting as an
+//! ordinary user through fusermount3, and serving a /dev/fuse descriptor mounted by
+//! someone else (`/dev/fd/N`, Apptainer's setuid flow).
+
+mod common;
+mod mount_util;
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fixtures::fixtures;
+use mount_util::{
+    can_mount, is_mounted, pids_mentioning, run_sifuse_mount, wait_for, SifuseMount, SIFUSE,
+};
+
+const HELLO: &str = "hello.txt";
+
+fn gzip() -> &'static Path {
+    fixtures().image("gzip")
+}
+
+fn expected_hello() -> Vec<u8> {
+    fs::read(fixtures().tree.join(HELLO)).unwrap()
+}
+
+/// The mount answers with the image's content, from a file system other than the parent's.
+fn assert_serving(m: &SifuseMount) {
+    let parent = m.mountpoint.parent().unwrap();
+    assert_ne!(
+        fs::metadata(&m.mountpoint).unwrap().dev(),
+        fs::metadata(parent).unwrap().dev()
+    );
+    assert_eq!(fs::read(m.path(HELLO)).unwrap(), expected_hello());
+}
+
+fn gone(m: &SifuseMount) -> bool {
+    !is_mounted(&m.mountpoint) && pids_mentioning(&m.mountpoint).is_empty()
+}
+
+fn kill(pid: i32, signal: i32) {
+    // SAFETY: plain kill(2).
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+}
+
+#[test]
+fn daemon_returns_once_live_and_ends_with_its_mount() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, mnt) = SifuseMount::new_mountpoint("daemon");
+    // run_sifuse_mount reads stdout and stderr to EOF: it returns only because the daemon
+    // let go of them.
+    let out = run_sifuse_mount(gzip(), &mnt, &[]);
+    let m = SifuseMount::adopt(dir, mnt, None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+    // Live as soon as the command returned.
+    assert_serving(&m);
+    let pid = m.daemon_pid();
+    let fds: Vec<_> = (0..3)
+        .map(|fd| fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap())
+        .collect();
+    assert!(
+        fds.iter().all(|p| p == Path::new("/dev/null")),
+        "daemon stdio: {fds:?}"
+    );
+
+    let status = Command::new("umount").arg(&m.mountpoint).status().unwrap();
+    assert!(status.success());
+    assert!(
+        wait_for(Duration::from_secs(5), || gone(&m)),
+        "the daemon outlived its mount"
+    );
+}
+
+#[test]
+fn foreground_server_exits_0_when_unmounted() {
+    if !can_mount() {
+        return;
+    }
+    let mut m = SifuseMount::foreground(gzip(), &[]);
+    assert_serving(&m);
+    assert!(
+        m.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "foreground server still runs"
+    );
+    let status = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&m.mountpoint)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = m.child_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(gone(&m));
+}
+
+#[test]
+fn debug_logs_every_request_in_the_foreground() {
+    if !can_mount() {
+        return;
+    }
+    let mut m = SifuseMount::foreground(gzip(), &["-d"]);
+    assert_serving(&m);
+    assert!(fs::metadata(m.path("no-such-name")).is_err());
+    mount_util::force_unmount(&m.mountpoint);
+    let out = m.child_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    for request in [
+        "LOOKUP name \"hello.txt\"",
+        "LOOKUP name \"no-such-name\"",
+        "OPEN",
+        "READ",
+    ] {
+        assert!(
+            log.contains(request),
+            "no {request} in the debug log:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_unmounts_and_ends_the_daemon() {
+    if !can_mount() {
+        return;
+    }
+    let m = SifuseMount::daemon(gzip(), &[]);
+    assert_serving(&m);
+    kill(m.daemon_pid(), libc::SIGTERM);
+    assert!(wait_for(Duration::from_secs(5), || gone(&m)));
+}
+
+#[test]
+fn sigint_ends_a_busy_foreground_mount() {
+    if !can_mount() {
+        return;
+    }
+    let mut m = SifuseMount::foreground(gzip(), &[]);
+    // An open file keeps the lazily unmounted file system alive; the server still goes.
+    let mut busy = fs::File::open(m.path(HELLO)).unwrap();
+    kill(m.child.as_ref().unwrap().id() as i32, libc::SIGINT);
+    let start = Instant::now();
+    let out = m.child_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(gone(&m));
+    let mut buf = Vec::new();
+    assert!(
+        busy.read_to_end(&mut buf).is_err(),
+        "the connection is gone"
+    );
+}
+
+#[test]
+fn idle_timeout_waits_for_open_files() {
+    if !can_mount() {
+        return;
+    }
+    let m = SifuseMount::daemon(gzip(), &["-o", "timeout=1"]);
+    let open = fs::File::open(m.path(HELLO)).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(is_mounted(&m.mountpoint), "unmounted while a file was open");
+    drop(open);
+    let closed = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(6), || gone(&m)),
+        "no idle unmount"
+    );
+    assert!(
+        closed.elapsed() >= Duration::from_millis(900),
+        "unmounted before the timeout"
+    );
+}
+
+fn mkfifo(path: &Path) {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// Read the notify FIFO on a thread, as a launcher does while sifuse starts.
+fn notify_reader(fifo: &Path) -> std::thread::JoinHandle<Vec<u8>> {
+    let fifo = fifo.to_path_buf();
+    std::thread::spawn(move || fs::read(fifo).unwrap())
+}
+
+#[test]
+fn notify_pipe_reports_s_when_live() {
+    if !can_mount() {
+        return;
+    }
+    let dir = mount_util::scratch("notify-s");
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    let reader = notify_reader(&fifo);
+    let opt = format!("notify_pipe={}", fifo.display());
+    let m = SifuseMount::daemon(gzip(), &["-o", &opt]);
+    assert_eq!(reader.join().unwrap(), b"s");
+    assert_serving(&m);
+}
+
+#[test]
+fn notify_pipe_reports_f_on_failure() {
+    if !can_mount() {
+        return;
+    }
+    let dir = mount_util::scratch("notify-f");
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    let reader = notify_reader(&fifo);
+    let (_mdir, mnt) = SifuseMount::new_mountpoint("notify-f");
+    let out = run_sifuse_mount(
+        Path::new("/etc/passwd"),
+        &mnt,
+        &["--notify-pipe", fifo.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert_eq!(reader.join().unwrap(), b"f");
+    assert!(!is_mounted(&mnt));
+}
+
+/// One line on stderr, starting "sifuse: ", and mentioning `what`.
+fn assert_one_clear_line(out: &std::process::Output, what: &str) {
+    assert!(!out.status.success(), "should fail: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(
+        err.starts_with("sifuse: ") && err.contains(what),
+        "{err:?} should mention {what:?}"
+    );
+}
+
+#[test]
+fn failures_say_why_in_one_line_and_leave_nothing_mounted() {
+    if !can_mount() {
+        return;
+    }
+    let (_dir, mnt) = SifuseMount::new_mountpoint("fail");
+    let file = mnt.parent().unwrap().join("file");
+    fs::write(&file, b"x").unwrap();
+    let cases: [(&Path, &Path, &[&str], &str); 6] = [
+        (
+            Path::new("/etc/passwd"),
+            &mnt,
+            &[],
+            "not a SIF or SquashFS image",
+        ),
+        (Path::new("/nonexistent.sif"), &mnt, &[], "/nonexistent.sif"),
+        (
+            gzip(),
+            Path::new("/nonexistent/mnt"),
+            &[],
+            "mount point /nonexistent/mnt",
+        ),
+        (gzip(), &file, &[], "not a directory"),
+        (gzip(), &mnt, &["-o", "subdir=hello.txt"], "not a directory"),
+        (gzip(), &mnt, &["-o", "rw"], "read-only"),
+    ];
+    for (image, target, args, what) in cases {
+        let out = run_sifuse_mount(image, target, args);
+        assert_one_clear_line(&out, what);
+        assert!(!is_mounted(&mnt));
+        assert!(
+            pids_mentioning(target).is_empty(),
+            "a server was left for {}",
+            target.display()
+        );
+    }
+}
+
+#[test]
+fn no_dev_fuse_is_one_clear_line() {
+    if !can_mount() {
+        return;
+    }
+    let (_dir, mnt) = SifuseMount::new_mountpoint("nofuse");
+    // In a private mount namespace whose /dev lacks the FUSE device.
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} mount {} {}",
+        SIFUSE,
+        gzip().display(),
+        mnt.display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_one_clear_line(&out, "cannot open /dev/fuse");
+    assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn sifuse_umount_ends_the_daemon_and_can_detach_lazily() {
+    if !can_mount() {
+        return;
+    }
+    let m = SifuseMount::daemon(gzip(), &[]);
+    let out = Command::new(SIFUSE)
+        .arg("umount")
+        .arg(&m.mountpoint)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(wait_for(Duration::from_secs(5), || gone(&m)));
+
+    let m = SifuseMount::daemon(gzip(), &[]);
+    let busy = fs::File::open(m.path(HELLO)).unwrap();
+    let out = Command::new(SIFUSE)
+        .arg("umount")
+        .arg(&m.mountpoint)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a busy mount needs --lazy");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("busy"),
+        "{out:?}"
+    );
+    let out = Command::new(SIFUSE)
+        .args(["umount", "--lazy"])
+        .arg(&m.mountpoint)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!is_mounted(&m.mountpoint));
+    // The detached file system serves its last user, then the daemon goes.
+    let mut buf = Vec::new();
+    (&busy).read_to_end(&mut buf).unwrap();
+    assert_eq!(buf, expected_hello());
+    drop(busy);
+    assert!(wait_for(Duration::from_secs(5), || gone(&m)));
+
+    let out = Command::new(SIFUSE)
+        .arg("umount")
+        .arg(&m.mountpoint)
+        .output()
+        .unwrap();
+    assert_one_clear_line(&out, "cannot unmount");
+}
+
+#[test]
+fn ordinary_users_mount_through_fusermount3() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, mnt) = SifuseMount::new_mountpoint("user");
+    let c = CString::new(mnt.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
+    let m = SifuseMount::adopt(dir, mnt, None);
+    // In a private mount namespace whose /dev has a FUSE device everyone may open (as on
+    // most hosts; this machine's may be root-only), user 65534 mounts and unmounts.
+    let nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups";
+    let (mnt, image) = (m.mountpoint.display(), gzip().display());
+    let script = format!(
+        "set -e
+         mount -t tmpfs -o mode=755 none /dev
+         mknod -m 666 /dev/fuse c 10 229
+         mknod -m 666 /dev/null c 1 3
+         {nobody} {SIFUSE} mount {image} {mnt}
+         grep ' {mnt} ' /proc/self/mountinfo
+         {nobody} cat {mnt}/{HELLO}
+         if cat {mnt}/{HELLO} 2>/dev/null; then echo ROOT-READ; fi
+         {nobody} {SIFUSE} umount {mnt}
+         echo UNMOUNTED"
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("user_id=65534"), "{stdout}");
+    assert!(
+        stdout.contains(std::str::from_utf8(&expected_hello()).unwrap()),
+        "{stdout}"
+    );
+    // Without allow_other, even root is refused.
+    assert!(!stdout.contains("ROOT-READ"), "{stdout}");
+    assert!(stdout.contains("UNMOUNTED"), "{stdout}");
+    assert!(
+        wait_for(Duration::from_secs(5), || gone(&m)),
+        "the user's daemon outlived its mount"
+    );
+}
+
+#[test]
+fn serves_a_fuse_descriptor_mounted_by_someone_else() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, mnt) = SifuseMount::new_mountpoint("devfd");
+    // What a setuid starter does: open /dev/fuse, mount it, hand the descriptor over.
+    let dev = CString::new("/dev/fuse").unwrap();
+    // SAFETY: plain open(2); the descriptor is inherited by the server below.
+    let fd = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR) };
+    assert!(fd > 2);
+    let data = CString::new(format!("fd={fd},rootmode=40000,user_id=0,group_id=0")).unwrap();
+    let (src, target, fstype) = (
+        CString::new("starter").unwrap(),
+        CString::new(mnt.as_os_str().as_bytes()).unwrap(),
+        CString::new("fuse.starter").unwrap(),
+    );
+    // SAFETY: valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+            data.as_ptr().cast(),
+        )
+    };
+    assert_eq!(rc, 0, "mount: {}", std::io::Error::last_os_error());
+    let child = Command::new(SIFUSE)
+        .arg("mount")
+        .arg("-f")
+        .arg(gzip())
+        .arg(format!("/dev/fd/{fd}"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // SAFETY: the child has its copy; ours goes.
+    unsafe { libc::close(fd) };
+    let mut m = SifuseMount::adopt(dir, mnt, Some(child));
+    assert_serving(&m);
+    // The starter unmounts; the server then ends.
+    mount_util::force_unmount(&m.mountpoint);
+    let out = m.child_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+}

@@ -1,0 +1,122 @@
+//! The kernel's squashfs driver is the oracle: every fixture image, mounted by sifuse bare
+//! (as a daemon) and inside a SIF (in the foreground), must show exactly what the kernel
+//! shows: every stat field, directory order and d_ino, symlink targets, xattrs (with size
+//! probes), every byte, and statfs. The kernel cannot mount lzma images; those are compared
+//! with the kernel's mount of the gzip image of the same tree (inode numbering does not
+//! depend on the compressor; the image size, hence statfs's block count, does).
+
+mod common;
+mod mount_util;
+
+use std::path::{Path, PathBuf};
+
+use common::fixtures::{fixtures, Fixtures};
+use mount_util::{
+    assert_no_differences, can_mount, compare_views, scratch, KernelMount, SifuseMount,
+    ViewExceptions,
+};
+use sifuse::sif::{
+    arch_code, host_arch, DataType, FsType, PartType, PartitionInfo, SifWriter, WriterObject,
+};
+
+/// Every image generate.sh builds; `every_fixture_image_is_compared` keeps this in step.
+macro_rules! per_image {
+    ($($test:ident => $name:literal,)*) => {
+        const IMAGES: &[&str] = &[$($name),*];
+        $(
+            #[test]
+            fn $test() {
+                check_image($name);
+            }
+        )*
+    };
+}
+
+per_image! {
+    gzip => "gzip",
+    lzo => "lzo",
+    lz4 => "lz4",
+    lz4_hc => "lz4-hc",
+    xz => "xz",
+    zstd => "zstd",
+    lzma => "lzma",
+    gzip_b4k => "gzip-b4k",
+    zstd_b1m => "zstd-b1m",
+    gzip_no_fragments => "gzip-no-fragments",
+    zstd_always_fragments => "zstd-always-fragments",
+    zstd_no_xattrs => "zstd-no-xattrs",
+    gzip_uncompressed => "gzip-uncompressed",
+    gzip_nopad => "gzip-nopad",
+    gzip_no_exports => "gzip-no-exports",
+    gzip_no_sparse => "gzip-no-sparse",
+    zstd_no_duplicates => "zstd-no-duplicates",
+    xz_bcj_dict => "xz-bcj-dict",
+    gzip_level1_window10 => "gzip-level1-window10",
+}
+
+#[test]
+fn every_fixture_image_is_compared() {
+    if !can_mount() {
+        return;
+    }
+    let listed: Vec<&str> = fixtures().images.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        listed, IMAGES,
+        "fixtures/generate.sh and this test list different images"
+    );
+}
+
+/// `image` wrapped in a SIF as its primary system partition, after a definition file.
+fn wrap_in_sif(image: &Path, dir: &Path) -> PathBuf {
+    let sif = dir.join("image.sif");
+    let info = PartitionInfo {
+        fs_type: FsType::Squashfs,
+        part_type: PartType::PrimarySystem,
+        arch: arch_code(host_arch()).unwrap(),
+    };
+    SifWriter {
+        objects: vec![
+            WriterObject::bytes(DataType::Deffile, "", b"bootstrap: scratch\n".to_vec()),
+            WriterObject::partition("rootfs", image.to_path_buf(), info),
+        ],
+        arch: host_arch().into(),
+        ..Default::default()
+    }
+    .write_file(&sif)
+    .unwrap();
+    sif
+}
+
+fn check_image(name: &str) {
+    if !can_mount() {
+        return;
+    }
+    let fx = fixtures();
+    let image = fx.image(name);
+    let (oracle, except) = if Fixtures::kernel_can_mount(name) {
+        (image, ViewExceptions::default())
+    } else {
+        (
+            fx.image("gzip"),
+            ViewExceptions {
+                statfs_blocks: true,
+            },
+        )
+    };
+    let kernel = KernelMount::new(oracle);
+
+    let bare = SifuseMount::daemon(image, &[]);
+    assert_no_differences(
+        &format!("{name}, bare"),
+        &compare_views(&kernel.mountpoint, &bare.mountpoint, except),
+    );
+    drop(bare);
+
+    let dir = scratch(&format!("sif-{name}"));
+    let sif = wrap_in_sif(image, dir.path());
+    let in_sif = SifuseMount::foreground(&sif, &[]);
+    assert_no_differences(
+        &format!("{name}, in a SIF"),
+        &compare_views(&kernel.mountpoint, &in_sif.mountpoint, except),
+    );
+}
