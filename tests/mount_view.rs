@@ -32,27 +32,7 @@ macro_rules! per_image {
     };
 }
 
-per_image! {
-    gzip => "gzip",
-    lzo => "lzo",
-    lz4 => "lz4",
-    lz4_hc => "lz4-hc",
-    xz => "xz",
-    zstd => "zstd",
-    lzma => "lzma",
-    gzip_b4k => "gzip-b4k",
-    zstd_b1m => "zstd-b1m",
-    gzip_no_fragments => "gzip-no-fragments",
-    zstd_always_fragments => "zstd-always-fragments",
-    zstd_no_xattrs => "zstd-no-xattrs",
-    gzip_uncompressed => "gzip-uncompressed",
-    gzip_nopad => "gzip-nopad",
-    gzip_no_exports => "gzip-no-exports",
-    gzip_no_sparse => "gzip-no-sparse",
-    zstd_no_duplicates => "zstd-no-duplicates",
-    xz_bcj_dict => "xz-bcj-dict",
-    gzip_level1_window10 => "gzip-level1-window10",
-}
+with_fixture_images!(per_image);
 
 #[test]
 fn every_fixture_image_is_compared() {
