@@ -4,6 +4,7 @@
 mod commands;
 mod docs;
 mod mount;
+mod run;
 
 use std::path::PathBuf;
 
@@ -98,6 +99,8 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Unmount a sifuse mount (umount2 as root, fusermount3 otherwise)
     Umount(mount::UmountArgs),
+    /// Run a command with the image as its read-only root, in new namespaces
+    Run(run::RunArgs),
     /// Print a shell completion script
     Completions {
         /// The shell
