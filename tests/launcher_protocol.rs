@@ -267,3 +267,28 @@ fn a_given_mount_point_is_unmounted_but_kept() {
     assert_eq!(l.exit_code(), 0);
     s.assert_nothing_left();
 }
+
+#[test]
+fn sigterm_before_started_unmounts_reports_and_cleans_up() {
+    if !can_mount() {
+        return;
+    }
+    let s = Scratch::new("proto-term", 0);
+    let mut l = Launcher::start(&s, false, &[]);
+    let path = l.ready();
+    assert_ready(&s, &path, false);
+    // SAFETY: plain kill(2) of the server this test started.
+    assert_eq!(
+        unsafe { libc::kill(l.server.id() as i32, libc::SIGTERM) },
+        0
+    );
+    // SIGTERM unmounts (as in every mode); the mount ending before `started` is an error
+    // the launcher hears about.
+    assert_eq!(
+        l.read().as_deref(),
+        Some("error the mount went away before the container started")
+    );
+    assert_eq!(l.read(), None);
+    assert_eq!(l.exit_code(), 1);
+    s.assert_nothing_left();
+}
