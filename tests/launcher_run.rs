@@ -192,15 +192,21 @@ fn the_host_copy_is_detached_while_the_command_runs_unprivileged() {
 }
 
 /// SIGKILL `sifuse run` `delay` after starting it, with a COMMAND that would wait for
-/// ever; then nothing may be left. COMMAND is a shell whose $0 is the image path, so that
-/// it counts among the processes naming the image.
+/// ever and has started a process of its own that would too; then nothing may be left.
+/// COMMAND is a shell whose $0 is the image path, and its child a subshell, so that both
+/// count among the processes naming the image.
 fn sigkill_at(s: &Scratch, as_nobody: bool, delay: Duration) {
     let image = s.image.to_str().unwrap().to_string();
     let mut c = sifuse_run(
         s,
         as_nobody,
         &[],
-        &["/bin/sh", "-c", "while :; do read x; done", &image],
+        &[
+            "/bin/sh",
+            "-c",
+            "(while :; do sleep 1; done) & while :; do read x; done",
+            &image,
+        ],
     );
     let mut child = c
         .stdin(Stdio::piped())

@@ -17,7 +17,8 @@ mount namespace (inside a user namespace mapping the caller to itself when not r
 with --userns), makes the image the read-only root with /proc, /dev and /sys from the \
 host, a fresh /tmp and the --bind directories, then runs COMMAND. Once COMMAND is running \
 the host copy of the mount is detached and its directory removed; the server serves the \
-container until COMMAND and its children are gone. COMMAND dies with sifuse run.
+container until COMMAND and its children are gone. COMMAND runs in a new pid namespace \
+and dies with sifuse run, together with everything it started.
 
 Exit status: COMMAND's, or 128+N when signal N killed it; 126 or 127 when COMMAND cannot \
 be run; 1 when the container could not be set up. Unprivileged use needs fusermount3, \

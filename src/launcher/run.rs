@@ -7,16 +7,19 @@
 //! 2. Unshare a mount namespace (and a user namespace mapping the caller to itself when
 //!    not root, or with `--userns`), make every mount private, bind the mount onto itself
 //!    (a mount copied from a more privileged namespace is locked and cannot become a
-//!    root), keep it read-only, mount /proc, /dev and /sys (binds of the host's: fresh proc
-//!    and sysfs need pid and network namespaces), a tmpfs /tmp and the `--bind`s, then
-//!    pivot_root into it. From here the container's namespace holds its own copy.
-//! 3. Fork COMMAND with a parent-death signal, learn through a close-on-exec pipe that it
-//!    was exec'd, send `started` (the server detaches the host copy and removes its
-//!    directory), wait, and return COMMAND's status (128+signal if killed).
+//!    root), keep it read-only, mount /proc, /dev and /sys (binds of the host's: a fresh
+//!    sysfs needs a network namespace, a fresh proc a process inside the pid namespace),
+//!    a tmpfs /tmp and the `--bind`s, then pivot_root into it. From here the container's
+//!    namespace holds its own copy.
+//! 3. In a new pid namespace, fork an init with a parent-death signal, which forks
+//!    COMMAND; learn through a close-on-exec pipe that COMMAND was exec'd, send `started`
+//!    (the server detaches the host copy and removes its directory), wait, and return
+//!    COMMAND's status (128+signal if killed).
 //!
-//! Killing `sifuse run` at any moment leaves nothing behind: COMMAND dies with it, the
-//! server sees end of file (before `started`: it cleans up) or the connection end (after:
-//! it exits), and the server's watcher covers the server itself.
+//! Killing `sifuse run` at any moment leaves nothing behind: init dies with it and takes
+//! every process of the container along, the server sees end of file (before `started`:
+//! it cleans up) or the connection end (after: it exits), and the server's watcher
+//! covers the server itself.
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
@@ -368,8 +371,28 @@ pub fn exit_code(status: WaitStatus) -> i32 {
     }
 }
 
-/// Fork and exec COMMAND; returns its pid once the exec succeeded.
-fn spawn_command(command: &[OsString]) -> Result<nix::unistd::Pid, LauncherError> {
+/// Whether the process that holds the write end of `alive` is gone (its end closed).
+fn parent_gone(alive: &OwnedFd) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: alive.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: poll on one valid descriptor, without waiting.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+    n != 0 && fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// Start the container's processes in a new pid namespace: its init, a fork of this
+/// process, and COMMAND, init's child. Returns init's pid once COMMAND was exec'd.
+///
+/// Why an init: when `sifuse run` dies, init gets SIGKILL (parent-death signal), and when
+/// a pid namespace's init dies the kernel kills every process in it, so nothing COMMAND
+/// started outlives the launcher and keeps the container's mount alive. COMMAND itself is
+/// not that init, because an init ignores signals it has no handler for, even SIGKILL
+/// from inside its namespace. Init exits with COMMAND's status (128+N when signal N
+/// killed it), which is what `sifuse run` returns.
+fn spawn_container(command: &[OsString]) -> Result<nix::unistd::Pid, LauncherError> {
     let argv: Vec<CString> = command
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -381,40 +404,38 @@ fn spawn_command(command: &[OsString]) -> Result<nix::unistd::Pid, LauncherError
             io::Error::other("no command given"),
         ));
     };
-    let (read, write): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| LauncherError::setup("pipe", e))?;
-    let parent = nix::unistd::getpid();
-    // SAFETY: `sifuse run` has a single thread (it unshared a user namespace, which the
-    // kernel allows only then), so the child may run ordinary code before exec.
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| LauncherError::setup("pipe", e))
+    };
+    // COMMAND writes errno here when exec fails; end of file means it was exec'd.
+    let (exec_read, exec_write) = pipe()?;
+    // This process keeps the write end for life: init sees it close when this one dies.
+    let (alive_read, alive_write) = pipe()?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWPID)
+        .map_err(|e| LauncherError::setup("cannot unshare a pid namespace", e))?;
+    // SAFETY: `sifuse run` has a single thread (it unshared namespaces, which the kernel
+    // allows only then), so the child may run ordinary code.
     match unsafe { fork() }.map_err(|e| LauncherError::setup("fork", e))? {
         ForkResult::Child => {
-            drop(read);
-            // COMMAND dies with `sifuse run`: a killed launcher strands no container.
+            drop(exec_read);
+            drop(alive_write);
             // SAFETY: prctl with integer arguments.
             unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-            if nix::unistd::getppid() != parent {
+            // The launcher may have died before the prctl took effect.
+            if parent_gone(&alive_read) {
                 // SAFETY: _exit ends the process at once.
                 unsafe { libc::_exit(1) };
             }
-            // Rust ignores SIGPIPE; COMMAND expects the default.
-            // SAFETY: restoring a default disposition.
-            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-            let err = nix::unistd::execvp(&program, &argv).unwrap_err();
-            let mut w = File::from(write);
-            let _ = w.write_all(&(err as i32).to_ne_bytes());
-            let code = if err == nix::errno::Errno::ENOENT {
-                127
-            } else {
-                126
-            };
-            // SAFETY: as above.
-            unsafe { libc::_exit(code) }
+            init(&program, &argv, exec_write)
         }
         ForkResult::Parent { child } => {
-            drop(write);
+            drop(exec_write);
+            drop(alive_read);
+            // Deliberately kept open until this process exits (see above).
+            std::mem::forget(alive_write);
             let mut errno = [0u8; 4];
-            let mut r = File::from(read);
-            // End of file: the pipe closed on exec.
+            let mut r = File::from(exec_read);
             match r.read_exact(&mut errno) {
                 Err(_) => Ok(child),
                 Ok(()) => {
@@ -426,6 +447,47 @@ fn spawn_command(command: &[OsString]) -> Result<nix::unistd::Pid, LauncherError
                     })
                 }
             }
+        }
+    }
+}
+
+/// The container's init: start COMMAND, reap whatever ends, exit with COMMAND's status.
+fn init(program: &CString, argv: &[CString], exec_write: OwnedFd) -> ! {
+    // SAFETY: as in spawn_container, one thread.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            // Rust ignores SIGPIPE; COMMAND expects the default.
+            // SAFETY: restoring a default disposition.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            let err = nix::unistd::execvp(program, argv).unwrap_err();
+            let _ = File::from(exec_write).write_all(&(err as i32).to_ne_bytes());
+            let code = if err == nix::errno::Errno::ENOENT {
+                127
+            } else {
+                126
+            };
+            // SAFETY: _exit ends the process at once.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(exec_write);
+            loop {
+                match waitpid(None, None) {
+                    Ok(status) if status.pid() == Some(child) => {
+                        // Leaving kills everything else in the namespace.
+                        // SAFETY: _exit ends the process at once.
+                        unsafe { libc::_exit(exit_code(status)) }
+                    }
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    // SAFETY: as above.
+                    Err(_) => unsafe { libc::_exit(1) },
+                }
+            }
+        }
+        Err(e) => {
+            let _ = File::from(exec_write).write_all(&(e as i32).to_ne_bytes());
+            // SAFETY: as above.
+            unsafe { libc::_exit(126) }
         }
     }
 }
@@ -444,7 +506,7 @@ pub fn run(req: &RunRequest) -> Result<i32, LauncherError> {
     let root = server.ready()?;
     let started = unshare(userns)
         .and_then(|()| enter_root(&root, &binds))
-        .and_then(|()| spawn_command(&req.command));
+        .and_then(|()| spawn_container(&req.command));
     let child = match started {
         Ok(child) => child,
         Err(e) => {
