@@ -140,7 +140,7 @@ fn finish(
     served: Result<(), mount::MountError>,
     shared: &Shared,
     sys: &dyn HostSyscalls,
-    control: &mut File,
+    control: &mut impl Write,
 ) -> Result<(), LauncherError> {
     // Waits for a transition the control thread may be in the middle of.
     let mut host = shared.host.lock().unwrap_or_else(|e| e.into_inner());
@@ -204,5 +204,73 @@ fn start_control_thread(
         });
     if let Err(e) = spawned {
         tracing::error!("cannot start the control thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launcher::host::tests::{created, FakeHost};
+
+    fn shared(host: HostCopy) -> Shared {
+        Shared {
+            host: Mutex::new(host),
+            watcher: Mutex::new(None),
+        }
+    }
+
+    #[test]
+    fn a_failed_mount_removes_the_directories_and_reports() {
+        let sys = FakeHost::default();
+        let sh = shared(created(&sys));
+        let mut out = Vec::new();
+        let failed = Err(mount::MountError::DaemonFailed("no such image".into()));
+        let err = finish(failed, &sh, &sys, &mut out).unwrap_err();
+        assert_eq!(err.to_string(), "no such image");
+        assert_eq!(out, b"error no such image\n");
+        // The mount layer undid its mount: no unmount, only the directories.
+        assert_eq!(
+            sys.calls()[2..],
+            ["rmdir /t/sifuse-abc123/root", "rmdir /t/sifuse-abc123"]
+        );
+        assert_eq!(sh.host.lock().unwrap().stage(), Stage::CleanedUp);
+    }
+
+    #[test]
+    fn a_mount_gone_before_started_is_an_error() {
+        let sys = FakeHost::default();
+        let sh = shared(created(&sys));
+        let mut out = Vec::new();
+        let err = finish(Ok(()), &sh, &sys, &mut out).unwrap_err();
+        assert!(matches!(err, LauncherError::MountGone));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "error the mount went away before the container started\n"
+        );
+        assert_eq!(sys.calls()[2], "umount -l /t/sifuse-abc123/root");
+        assert_eq!(sys.calls().len(), 5);
+    }
+
+    #[test]
+    fn after_detach_or_cleanup_the_end_of_the_mount_is_success() {
+        let sys = FakeHost::default();
+        let mut host = created(&sys);
+        host.detach(&sys).unwrap();
+        let sh = shared(host);
+        let mut out = Vec::new();
+        finish(Ok(()), &sh, &sys, &mut out).unwrap();
+        let mut host = created(&sys);
+        host.clean_up(&sys, true).unwrap();
+        finish(Ok(()), &shared(host), &sys, &mut out).unwrap();
+        assert!(out.is_empty(), "nothing more to say: {out:?}");
+        assert_eq!(sys.calls().len(), 10, "no further calls: {:?}", sys.calls());
+    }
+
+    #[test]
+    fn the_control_descriptor_must_be_open_and_not_a_standard_stream() {
+        let err = take_control(1).unwrap_err().to_string();
+        assert!(err.contains("must be 3 or above"), "{err}");
+        let err = take_control(1_000_000).unwrap_err().to_string();
+        assert!(err.contains("control descriptor 1000000"), "{err}");
     }
 }
