@@ -90,7 +90,9 @@ pub enum Step {
     Tmpfs(PathBuf),
 }
 
-/// Where `inside` (absolute, in the container) lies under `root`.
+/// Where `inside` (absolute, in the container) lies under `root`. A symlink in the image
+/// may lead the mount elsewhere; it then lands in the old root, which is detached after
+/// pivot_root, so it can reach nothing of the host's (every mount here is private).
 fn under(root: &Path, inside: &Path) -> PathBuf {
     root.join(inside.strip_prefix("/").unwrap_or(inside))
 }

@@ -127,7 +127,7 @@ pub fn serve(req: ServerRequest, mount_sys: Arc<dyn MountSyscalls>) -> Result<()
         let control = control.try_clone();
         move |_: &std::path::Path| match control {
             Ok(control) => start_control_thread(control, shared, host_sys, ended_rx),
-            Err(e) => tracing::error!("cannot use the control stream: {e}"),
+            Err(e) => cannot_talk(&format!("cannot use the control stream: {e}")),
         }
     };
     let served = mount::mount_foreground(&mount_req, mount_sys, live);
@@ -180,10 +180,7 @@ fn start_control_thread(
         .spawn(move || {
             let mut output = match control.try_clone() {
                 Ok(c) => c,
-                Err(e) => {
-                    tracing::error!("cannot use the control stream: {e}");
-                    return;
-                }
+                Err(e) => cannot_talk(&format!("cannot use the control stream: {e}")),
             };
             let mut input = BufReader::new(control);
             let ending = converse(&mut input, &mut output, &shared.host, &sys, &mut || {
@@ -203,8 +200,16 @@ fn start_control_thread(
             }
         });
     if let Err(e) = spawned {
-        tracing::error!("cannot start the control thread: {e}");
+        cannot_talk(&format!("cannot start the control thread: {e}"));
     }
+}
+
+/// Without a conversation nobody can start a container on the mount: exit, so that the
+/// launcher sees end of file and the still armed watcher removes the mount and the
+/// directories.
+fn cannot_talk(message: &str) -> ! {
+    tracing::error!("{message}");
+    std::process::exit(1)
 }
 
 #[cfg(test)]
