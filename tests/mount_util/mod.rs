@@ -5,6 +5,8 @@
 //! statfs).
 #![allow(dead_code)]
 
+pub mod hammer;
+
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -239,12 +241,16 @@ pub fn run_sifuse_mount(image: &Path, mnt: &Path, args: &[&str]) -> Output {
     // Exits once the mount is live; the daemon must not hold our pipes (wait_with_output
     // reads them to EOF, so a daemon that kept them would hang this call).
     let limit = Instant::now() + Duration::from_secs(30);
+    // Short sleeps first: a mount usually takes a few milliseconds, and the corruption
+    // suite mounts thousands of images.
+    let mut pause = Duration::from_millis(1);
     while child.try_wait().unwrap().is_none() {
         assert!(
             Instant::now() < limit,
             "sifuse mount did not return within 30 s"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
     child.wait_with_output().unwrap()
 }
