@@ -2,6 +2,7 @@
 //! completions) and the commands that run on the archive layer directly.
 
 mod commands;
+pub mod compat;
 mod docs;
 mod mount;
 
@@ -98,6 +99,16 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Unmount a sifuse mount (umount2 as root, fusermount3 otherwise)
     Umount(mount::UmountArgs),
+    /// Make squashfuse_ll and squashfuse in DIR: links to this binary, which then takes
+    /// squashfuse's command line, so launchers that look for those names use sifuse
+    #[command(after_long_help = compat::COMPAT_HELP)]
+    InstallCompat {
+        /// Directory for the links (for example /usr/local/libexec/sifuse)
+        dir: PathBuf,
+        /// Replace files of those names that are not links to sifuse
+        #[arg(long)]
+        force: bool,
+    },
     /// Print a shell completion script
     Completions {
         /// The shell
