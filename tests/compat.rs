@@ -447,8 +447,57 @@ fn usage_probe_version_and_bad_options() {
     }
 }
 
-/// The mount issue's comparison with the kernel, through both names: bare images of two
-/// compressors and layouts, and the SIF at its partition offset.
+/// Every fixture image mounted as squashfuse_ll with SingularityCE's options (owners as
+/// stored): the kernel's view, as in the mount issue's comparison.
+macro_rules! per_image {
+    ($($test:ident => $name:literal,)*) => {
+        mod every_image_as_squashfuse_ll {
+            $(
+                #[test]
+                fn $test() {
+                    super::compare_with_kernel($name);
+                }
+            )*
+        }
+    };
+}
+
+with_fixture_images!(per_image);
+
+fn compare_with_kernel(image: &str) {
+    if !can_mount() {
+        return;
+    }
+    let name = "squashfuse_ll";
+    let (dir, mnt) = SifuseMount::new_mountpoint(name);
+    let path = fixtures().image(image);
+    let out = run_to_exit(
+        compat(name)
+            .args(["-o", "uid=0,gid=0,ro"])
+            .arg(path)
+            .arg(&mnt),
+    );
+    assert_quiet_success(image, &out);
+    let m = SifuseMount::adopt(dir, mnt, None);
+    // The kernel cannot mount lzma: compare with its mount of the gzip image of the same
+    // tree, whose statfs block count differs.
+    let (kernel_image, except) = if common::fixtures::Fixtures::kernel_can_mount(image) {
+        (image, ViewExceptions::default())
+    } else {
+        (
+            "gzip",
+            ViewExceptions {
+                statfs_blocks: true,
+            },
+        )
+    };
+    let k = KernelMount::new(fixtures().image(kernel_image));
+    let diffs = compare_views(&k.mountpoint, &m.mountpoint, except);
+    assert_no_differences(&format!("{name} {image}"), &diffs);
+}
+
+/// The same through both names, with the options launchers pass: two compressors and
+/// layouts, and the SIF at its partition offset.
 #[test]
 fn the_kernels_view_through_both_names() {
     if !can_mount() {
