@@ -14,6 +14,9 @@
 //! `CORRUPTION_VERBOSE=1` prints every case as it starts (to find the one that aborted the
 //! process, should an allocation be refused outright).
 
+mod common;
+mod mount_util;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -698,9 +701,8 @@ fn check(report: &Report, what: &str, started: Instant) {
 
 // ------------------------------------------------------------------ the tests
 
-#[test]
-fn damaged_images_fail_cleanly() {
-    let started = Instant::now();
+/// The suite's base images and every damage case aimed at them.
+fn suite() -> (Arc<Vec<Base>>, Vec<Case>) {
     let mut bases = Vec::new();
     for name in ["tiny-raw", "tiny-gzip", "tiny-zstd-nofrag"] {
         bases.push(Base {
@@ -734,7 +736,13 @@ fn damaged_images_fail_cleanly() {
         cases.extend(c);
     }
     eprintln!("bases: {}", per_base.join(", "));
-    let bases = Arc::new(bases);
+    (Arc::new(bases), cases)
+}
+
+#[test]
+fn damaged_images_fail_cleanly() {
+    let started = Instant::now();
+    let (bases, cases) = suite();
     let report = run_cases(&bases, cases);
     check(&report, "damaged images", started);
     // The damage must bite: most cases end in an error, and some still succeed.
@@ -749,6 +757,170 @@ fn damaged_images_fail_cleanly() {
         "only {} cases succeeded",
         report.ok
     );
+}
+
+/// What mounting every damaged image met.
+#[derive(Default)]
+struct MountedReport {
+    refused: usize,
+    served: usize,
+    /// Served cases in which some request answered EIO.
+    with_eio: usize,
+    failures: Vec<String>,
+}
+
+/// The server processes whose command line names something under `root`.
+fn servers_under(root: &Path) -> Vec<i32> {
+    let root = root.as_os_str().as_encoded_bytes();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.split(|&b| b == 0).any(|a| a.starts_with(root)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Mount one damaged image as a daemon, read everything it shows, and check the daemon
+/// still answers; then unmount. `Err` describes a failure of sifuse.
+fn mount_and_read(image: &Path, mnt: &Path, rep: &Mutex<MountedReport>) -> Result<(), String> {
+    use mount_util::hammer::{read_tree, statfs_errno};
+    std::fs::create_dir(mnt).unwrap();
+    let out = mount_util::run_sifuse_mount(image, mnt, &["-o", "cache_size=4"]);
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if mount_util::is_mounted(mnt) {
+            mount_util::force_unmount(mnt);
+            return Err(format!("a refused mount was left mounted: {stderr}"));
+        }
+        if stderr.lines().count() != 1 || !stderr.starts_with("sifuse: ") {
+            return Err(format!("refused without one clear line: {stderr:?}"));
+        }
+        rep.lock().unwrap().refused += 1;
+        return Ok(());
+    }
+    let seen = read_tree(mnt, MAX_READ);
+    let answering = statfs_errno(mnt);
+    // EOPNOTSUPP: listxattr in an image without an xattr table, as the kernel answers.
+    let unexpected = seen.unexpected(&[libc::EIO, libc::EOPNOTSUPP]);
+    // Not lazy: nothing may still hold the mount.
+    let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
+    // Another worker's fork, between fork and exec, briefly holds copies of this
+    // worker's open descriptors, so EBUSY is retried for a while.
+    let unmounted = (0..100).any(|_| {
+        // SAFETY: a valid C string.
+        let done = unsafe { libc::umount2(c.as_ptr(), 0) } == 0;
+        if !done {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        done
+    });
+    if !unmounted {
+        mount_util::force_unmount(mnt);
+    }
+    if let Some(errno) = answering {
+        let e = std::io::Error::from_raw_os_error(errno);
+        return Err(format!("the daemon stopped answering after the read: {e}"));
+    }
+    if !unexpected.is_empty() {
+        let first: Vec<_> = unexpected.iter().take(3).cloned().collect();
+        return Err(format!(
+            "{} unexpected errors, e.g. {}",
+            unexpected.len(),
+            first.join("; ")
+        ));
+    }
+    if !unmounted {
+        return Err("the mount was busy after the read".into());
+    }
+    let mut r = rep.lock().unwrap();
+    r.served += 1;
+    if seen.count(libc::EIO) > 0 {
+        r.with_eio += 1;
+    }
+    Ok(())
+}
+
+/// Every damaged image of the suite, mounted by a daemon and read through the kernel: the
+/// mount is refused with one clear line, or served with EIO where the damage is, and the
+/// daemon answers after the full read and ends with its mount.
+#[test]
+fn a_mounted_daemon_survives_every_damaged_image() {
+    if !mount_util::can_mount() {
+        return;
+    }
+    let started = Instant::now();
+    let (bases, cases) = suite();
+    let total = cases.len();
+    let queue = Mutex::new(cases.into_iter().enumerate());
+    let report = Mutex::new(MountedReport::default());
+    let root = scratch_root().join(format!("mounted-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    // Each case mostly waits on a mount, a handshake and FUSE round trips: more workers
+    // than cores keep both cores busy.
+    let workers = 2 * std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|s| {
+        for w in 0..workers {
+            let (queue, report, bases, root) = (&queue, &report, &bases, &root);
+            s.spawn(move || {
+                let work = root.join(format!("w{w}"));
+                std::fs::create_dir_all(&work).unwrap();
+                let image = work.join("image");
+                loop {
+                    let Some((i, case)) = queue.lock().unwrap().next() else {
+                        break;
+                    };
+                    let base = &bases[case.base];
+                    std::fs::write(&image, case.damage.apply(&base.bytes)).unwrap();
+                    let mnt = work.join(format!("m{i}"));
+                    if let Err(e) = mount_and_read(&image, &mnt, report) {
+                        let label = format!("case {i} ({} {case})", base.name);
+                        report
+                            .lock()
+                            .unwrap()
+                            .failures
+                            .push(format!("{label}: {e}"));
+                    }
+                    let _ = std::fs::remove_dir(&mnt);
+                }
+            });
+        }
+    });
+    // Every daemon ends once its mount is gone.
+    let left = mount_util::wait_for(Duration::from_secs(10), || servers_under(&root).is_empty());
+    let stray = servers_under(&root);
+    for pid in &stray {
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    let r = report.into_inner().unwrap();
+    eprintln!(
+        "mounted: {total} cases in {:.1?}: {} refused, {} served ({} with EIO), {} failures",
+        started.elapsed(),
+        r.refused,
+        r.served,
+        r.with_eio,
+        r.failures.len()
+    );
+    assert!(
+        left,
+        "daemons still running after their mounts went: {stray:?}"
+    );
+    assert!(
+        r.failures.is_empty(),
+        "{} of {total} damaged images broke the daemon:\n{}",
+        r.failures.len(),
+        r.failures.join("\n")
+    );
+    assert_eq!(r.refused + r.served, total);
+    assert!(r.with_eio > 0 && r.refused > 0, "the damage never showed");
 }
 
 /// Files under fuzz/regressions/<target>/: inputs the fuzzers found. Each runs through the

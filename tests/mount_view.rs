@@ -8,15 +8,10 @@
 mod common;
 mod mount_util;
 
-use std::path::{Path, PathBuf};
-
 use common::fixtures::{fixtures, Fixtures};
 use mount_util::{
-    assert_no_differences, can_mount, compare_views, scratch, KernelMount, SifuseMount,
-    ViewExceptions,
-};
-use sifuse::sif::{
-    arch_code, host_arch, DataType, FsType, PartType, PartitionInfo, SifWriter, WriterObject,
+    assert_no_differences, can_mount, compare_views, scratch, wrap_in_sif, KernelMount,
+    SifuseMount, ViewExceptions,
 };
 
 /// Every image generate.sh builds; `every_fixture_image_is_compared` keeps this in step.
@@ -44,27 +39,6 @@ fn every_fixture_image_is_compared() {
         listed, IMAGES,
         "fixtures/generate.sh and this test list different images"
     );
-}
-
-/// `image` wrapped in a SIF as its primary system partition, after a definition file.
-fn wrap_in_sif(image: &Path, dir: &Path) -> PathBuf {
-    let sif = dir.join("image.sif");
-    let info = PartitionInfo {
-        fs_type: FsType::Squashfs,
-        part_type: PartType::PrimarySystem,
-        arch: arch_code(host_arch()).unwrap(),
-    };
-    SifWriter {
-        objects: vec![
-            WriterObject::bytes(DataType::Deffile, "", b"bootstrap: scratch\n".to_vec()),
-            WriterObject::partition("rootfs", image.to_path_buf(), info),
-        ],
-        arch: host_arch().into(),
-        ..Default::default()
-    }
-    .write_file(&sif)
-    .unwrap();
-    sif
 }
 
 fn check_image(name: &str) {

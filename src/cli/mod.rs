@@ -2,6 +2,7 @@
 //! completions) and the commands that run on the archive layer directly.
 
 mod commands;
+pub mod compat;
 mod docs;
 mod mount;
 mod run;
@@ -101,6 +102,16 @@ pub enum Command {
     Umount(mount::UmountArgs),
     /// Run a command with the image as its read-only root, in new namespaces
     Run(run::RunArgs),
+    /// Make squashfuse_ll and squashfuse in DIR: links to this binary, which then takes
+    /// squashfuse's command line, so launchers that look for those names use sifuse
+    #[command(after_long_help = compat::COMPAT_HELP)]
+    InstallCompat {
+        /// Directory for the links (for example /usr/local/libexec/sifuse)
+        dir: PathBuf,
+        /// Replace files of those names that are not links to sifuse
+        #[arg(long)]
+        force: bool,
+    },
     /// Print a shell completion script
     Completions {
         /// The shell

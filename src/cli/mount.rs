@@ -159,7 +159,7 @@ fn mount_error(e: MountError) -> Error {
 
 /// Log to stderr: warnings, or with --debug every request (fuser logs them at debug level).
 /// RUST_LOG overrides.
-fn init_logging(debug: bool) {
+pub(super) fn init_logging(debug: bool) {
     let default = if debug {
         "sifuse=debug,fuser=debug"
     } else {

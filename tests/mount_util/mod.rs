@@ -5,6 +5,8 @@
 //! statfs).
 #![allow(dead_code)]
 
+pub mod hammer;
+
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -226,11 +228,19 @@ impl Drop for SifuseMount {
 
 /// Run `sifuse mount IMAGE MNT ARGS` and wait for the command (not the daemon) to exit.
 pub fn run_sifuse_mount(image: &Path, mnt: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(SIFUSE)
-        .arg("mount")
-        .arg(image)
-        .arg(mnt)
-        .args(args)
+    run_to_exit(
+        Command::new(SIFUSE)
+            .arg("mount")
+            .arg(image)
+            .arg(mnt)
+            .args(args),
+    )
+}
+
+/// Run a command that mounts and returns (leaving a daemon behind), with its output
+/// captured; panics unless it exits within 30 s.
+pub fn run_to_exit(cmd: &mut Command) -> Output {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -239,12 +249,16 @@ pub fn run_sifuse_mount(image: &Path, mnt: &Path, args: &[&str]) -> Output {
     // Exits once the mount is live; the daemon must not hold our pipes (wait_with_output
     // reads them to EOF, so a daemon that kept them would hang this call).
     let limit = Instant::now() + Duration::from_secs(30);
+    // Short sleeps first: a mount usually takes a few milliseconds, and the corruption
+    // suite mounts thousands of images.
+    let mut pause = Duration::from_millis(1);
     while child.try_wait().unwrap().is_none() {
         assert!(
             Instant::now() < limit,
             "sifuse mount did not return within 30 s"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
     child.wait_with_output().unwrap()
 }
@@ -553,4 +567,35 @@ pub fn assert_no_differences(what: &str, diffs: &[String]) {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// `image` wrapped in a SIF as its primary system partition, after a definition file.
+pub fn wrap_in_sif(image: &Path, dir: &Path) -> PathBuf {
+    use sifuse::sif::{
+        arch_code, host_arch, DataType, FsType, PartType, PartitionInfo, SifWriter, WriterObject,
+    };
+    let sif = dir.join("image.sif");
+    let info = PartitionInfo {
+        fs_type: FsType::Squashfs,
+        part_type: PartType::PrimarySystem,
+        arch: arch_code(host_arch()).unwrap(),
+    };
+    SifWriter {
+        objects: vec![
+            WriterObject::bytes(DataType::Deffile, "", b"bootstrap: scratch\n".to_vec()),
+            WriterObject::partition("rootfs", image.to_path_buf(), info),
+        ],
+        arch: host_arch().into(),
+        ..Default::default()
+    }
+    .write_file(&sif)
+    .unwrap();
+    sif
+}
+
+/// Where the served partition of a SIF starts: the `offset=N` a launcher passes.
+pub fn partition_offset(sif: &Path) -> u64 {
+    let bytes = fs::read(sif).unwrap();
+    let parsed = sifuse::sif::SifImage::parse(&bytes).unwrap();
+    u64::try_from(parsed.select_partition(None).unwrap().offset).unwrap()
 }
