@@ -7,11 +7,9 @@
 mod common;
 mod mount_util;
 
-use std::ffi::CString;
 use std::fs;
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -22,9 +20,9 @@ use std::time::Duration;
 use common::fixtures::fixtures;
 use mount_util::hammer::alive;
 use mount_util::{
-    assert_no_differences, can_mount, compare_views, force_unmount, is_mounted, mountinfo,
-    partition_offset, pids_mentioning, run_to_exit, scratch, wait_for, wrap_in_sif, KernelMount,
-    SifuseMount, ViewExceptions, SIFUSE,
+    assert_no_differences, can_mount, compare_views, force_unmount, is_mounted,
+    mount_fuse_descriptor, mountinfo, partition_offset, pids_mentioning, run_to_exit, scratch,
+    wait_for, wrap_in_sif, KernelMount, SifuseMount, ViewExceptions, SIFUSE,
 };
 
 const NAMES: [&str; 2] = ["squashfuse_ll", "squashfuse"];
@@ -263,35 +261,9 @@ fn serves_a_dev_fd_mounted_by_a_setuid_starter() {
     let (sif, offset) = gzip_sif();
     for name in NAMES {
         let (dir, mnt) = SifuseMount::new_mountpoint(name);
-        // What the setuid starter does: open /dev/fuse, mount it, pass the descriptor.
-        let dev = CString::new("/dev/fuse").unwrap();
-        // SAFETY: plain open(2) and fcntl(2). The descriptor, inherited by the server
-        // below, moves above the image's descriptor 3.
-        let fd = unsafe {
-            let opened = libc::open(dev.as_ptr(), libc::O_RDWR);
-            assert!(opened > 2, "open /dev/fuse");
-            let high = libc::fcntl(opened, libc::F_DUPFD, 10);
-            libc::close(opened);
-            high
-        };
-        assert!(fd >= 10, "fcntl F_DUPFD");
-        let data = CString::new(format!("fd={fd},rootmode=40000,user_id=0,group_id=0")).unwrap();
-        let (src, target, fstype) = (
-            CString::new(name).unwrap(),
-            CString::new(mnt.as_os_str().as_bytes()).unwrap(),
-            CString::new(format!("fuse.{name}")).unwrap(),
-        );
-        // SAFETY: valid C strings.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-                data.as_ptr().cast(),
-            )
-        };
-        assert_eq!(rc, 0, "mount: {}", std::io::Error::last_os_error());
+        // What the setuid starter does: open /dev/fuse, mount it, pass the descriptor
+        // (above the image's descriptor 3).
+        let fd = mount_fuse_descriptor(&mnt, name, 10);
         let image = fs::File::open(sif).unwrap();
         let child = spawn_with_fd3(
             compat(name)

@@ -408,27 +408,7 @@ fn serves_a_fuse_descriptor_mounted_by_someone_else() {
     }
     let (dir, mnt) = SifuseMount::new_mountpoint("devfd");
     // What a setuid starter does: open /dev/fuse, mount it, hand the descriptor over.
-    let dev = CString::new("/dev/fuse").unwrap();
-    // SAFETY: plain open(2); the descriptor is inherited by the server below.
-    let fd = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR) };
-    assert!(fd > 2);
-    let data = CString::new(format!("fd={fd},rootmode=40000,user_id=0,group_id=0")).unwrap();
-    let (src, target, fstype) = (
-        CString::new("starter").unwrap(),
-        CString::new(mnt.as_os_str().as_bytes()).unwrap(),
-        CString::new("fuse.starter").unwrap(),
-    );
-    // SAFETY: valid C strings.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-            data.as_ptr().cast(),
-        )
-    };
-    assert_eq!(rc, 0, "mount: {}", std::io::Error::last_os_error());
+    let fd = mount_util::mount_fuse_descriptor(&mnt, "starter", 3);
     let child = Command::new(SIFUSE)
         .arg("mount")
         .arg("-f")

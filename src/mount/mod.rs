@@ -8,6 +8,7 @@
 
 pub mod attach;
 pub mod daemon;
+pub mod detached;
 pub mod idle;
 pub mod mountinfo;
 pub mod notify;

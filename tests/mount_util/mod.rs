@@ -599,3 +599,45 @@ pub fn partition_offset(sif: &Path) -> u64 {
     let parsed = sifuse::sif::SifImage::parse(&bytes).unwrap();
     u64::try_from(parsed.select_partition(None).unwrap().offset).unwrap()
 }
+
+/// What a setuid starter does: open /dev/fuse and mount it on `mnt` as `fuse.NAME` (source
+/// NAME), read-only, nosuid, nodev. Returns the descriptor, at `min_fd` or above and
+/// inheritable, for the server to be handed as `/dev/fd/N`; the caller closes its copy.
+pub fn mount_fuse_descriptor(mnt: &Path, name: &str, min_fd: i32) -> i32 {
+    let dev = CString::new("/dev/fuse").unwrap();
+    // SAFETY: plain open(2), fcntl(2) and close(2) on descriptors this function owns.
+    let fd = unsafe {
+        let opened = libc::open(dev.as_ptr(), libc::O_RDWR);
+        assert!(
+            opened >= 0,
+            "open /dev/fuse: {}",
+            std::io::Error::last_os_error()
+        );
+        let moved = libc::fcntl(opened, libc::F_DUPFD, min_fd);
+        libc::close(opened);
+        moved
+    };
+    assert!(
+        fd >= min_fd,
+        "fcntl F_DUPFD: {}",
+        std::io::Error::last_os_error()
+    );
+    let data = CString::new(format!("fd={fd},rootmode=40000,user_id=0,group_id=0")).unwrap();
+    let (src, target, fstype) = (
+        CString::new(name).unwrap(),
+        CString::new(mnt.as_os_str().as_bytes()).unwrap(),
+        CString::new(format!("fuse.{name}")).unwrap(),
+    );
+    // SAFETY: valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+            data.as_ptr().cast(),
+        )
+    };
+    assert_eq!(rc, 0, "mount: {}", std::io::Error::last_os_error());
+    fd
+}
