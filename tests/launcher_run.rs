@@ -1,7 +1,8 @@
 //! `sifuse run IMAGE -- COMMAND`: COMMAND sees the image as its read-only root; exit
-//! statuses pass through; while COMMAND runs the host copy is already detached; SIGKILL of
-//! `sifuse run` at ten moments from 0 ms to 2 s after start leaves nothing behind. As root
-//! and as an unprivileged user.
+//! statuses pass through; with the temp-directory protocol (`--no-detached`) the host copy
+//! is already detached while COMMAND runs; SIGKILL of `sifuse run` at ten moments from 0 ms
+//! to 2 s after start leaves nothing behind. As root and as an unprivileged user, with the
+//! default detached mount (see also tests/launcher_detached.rs) and with the fallback.
 
 mod common;
 mod launcher_util;
@@ -55,18 +56,18 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn prints_the_file_and_passes_exit_statuses(as_nobody: bool) {
+fn prints_the_file_and_passes_exit_statuses(as_nobody: bool, mode: &[&str]) {
     let s = Scratch::new("run-cat", owner(as_nobody));
-    let out = run(&s, as_nobody, &[], &["/bin/cat", "/etc/hostname"]);
+    let out = run(&s, as_nobody, mode, &["/bin/cat", "/etc/hostname"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout(&out), HOSTNAME);
     s.assert_nothing_left();
 
-    let out = run(&s, as_nobody, &[], &["/bin/sh", "-c", "exit 7"]);
+    let out = run(&s, as_nobody, mode, &["/bin/sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{out:?}");
-    let out = run(&s, as_nobody, &[], &["/bin/sh", "-c", "kill -9 $$"]);
+    let out = run(&s, as_nobody, mode, &["/bin/sh", "-c", "kill -9 $$"]);
     assert_eq!(out.status.code(), Some(137), "{out:?}");
-    let out = run(&s, as_nobody, &[], &["/bin/no-such-command"]);
+    let out = run(&s, as_nobody, mode, &["/bin/no-such-command"]);
     assert_eq!(out.status.code(), Some(127), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("cannot run /bin/no-such-command"),
@@ -82,7 +83,7 @@ fn prints_the_file_and_passes_exit_statuses(as_nobody: bool) {
         echo > /dev/null && echo dev-ok
         cat /proc/self/status >/dev/null && echo proc-ok
         id -u"#;
-    let out = run(&s, as_nobody, &[], &["/bin/sh", "-c", script]);
+    let out = run(&s, as_nobody, mode, &["/bin/sh", "-c", script]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         stdout(&out),
@@ -96,7 +97,15 @@ fn prints_the_file_and_passes_exit_statuses_as_root() {
     if !can_mount() {
         return;
     }
-    prints_the_file_and_passes_exit_statuses(false);
+    prints_the_file_and_passes_exit_statuses(false, &[]);
+}
+
+#[test]
+fn prints_the_file_and_passes_exit_statuses_on_the_fallback_as_root() {
+    if !can_mount() {
+        return;
+    }
+    prints_the_file_and_passes_exit_statuses(false, &["--no-detached"]);
 }
 
 #[test]
@@ -104,7 +113,15 @@ fn prints_the_file_and_passes_exit_statuses_unprivileged() {
     if !can_mount() {
         return;
     }
-    prints_the_file_and_passes_exit_statuses(true);
+    prints_the_file_and_passes_exit_statuses(true, &[]);
+}
+
+#[test]
+fn prints_the_file_and_passes_exit_statuses_on_the_fallback_unprivileged() {
+    if !can_mount() {
+        return;
+    }
+    prints_the_file_and_passes_exit_statuses(true, &["--no-detached"]);
 }
 
 #[test]
@@ -141,10 +158,11 @@ fn runs_the_demo_sif_with_binds_and_a_user_namespace() {
 
 fn the_host_copy_is_detached_while_the_command_runs(as_nobody: bool) {
     let s = Scratch::new("run-long", owner(as_nobody));
+    // The host copy exists only in the temp-directory protocol.
     let mut child = sifuse_run(
         &s,
         as_nobody,
-        &[],
+        &["--no-detached"],
         &["/bin/sh", "-c", "echo up; read x; cat /etc/hostname"],
     )
     .stdin(Stdio::piped())
@@ -195,12 +213,12 @@ fn the_host_copy_is_detached_while_the_command_runs_unprivileged() {
 /// ever and has started a process of its own that would too; then nothing may be left.
 /// COMMAND is a shell whose $0 is the image path, and its child a subshell, so that both
 /// count among the processes naming the image.
-fn sigkill_at(s: &Scratch, as_nobody: bool, delay: Duration) {
+fn sigkill_at(s: &Scratch, as_nobody: bool, mode: &[&str], delay: Duration) {
     let image = s.image.to_str().unwrap().to_string();
     let mut c = sifuse_run(
         s,
         as_nobody,
-        &[],
+        mode,
         &[
             "/bin/sh",
             "-c",
@@ -222,7 +240,7 @@ fn sigkill_at(s: &Scratch, as_nobody: bool, delay: Duration) {
     let clean = wait_for(LIMIT, || s.leftovers().is_empty());
     assert!(
         clean,
-        "SIGKILL after {delay:?}: left behind: {:#?}",
+        "SIGKILL after {delay:?} ({mode:?}): left behind: {:#?}",
         s.leftovers()
     );
 }
@@ -236,7 +254,18 @@ fn sigkill_of_sifuse_run_at_ten_moments_as_root() {
     }
     let s = Scratch::new("run-kill", 0);
     for ms in MOMENTS_MS {
-        sigkill_at(&s, false, Duration::from_millis(ms));
+        sigkill_at(&s, false, &[], Duration::from_millis(ms));
+    }
+}
+
+#[test]
+fn sigkill_of_sifuse_run_at_ten_moments_on_the_fallback_as_root() {
+    if !can_mount() {
+        return;
+    }
+    let s = Scratch::new("run-kill-fallback", 0);
+    for ms in MOMENTS_MS {
+        sigkill_at(&s, false, &["--no-detached"], Duration::from_millis(ms));
     }
 }
 
@@ -247,6 +276,17 @@ fn sigkill_of_sifuse_run_at_ten_moments_unprivileged() {
     }
     let s = Scratch::new("run-kill-user", NOBODY);
     for ms in MOMENTS_MS {
-        sigkill_at(&s, true, Duration::from_millis(ms));
+        sigkill_at(&s, true, &[], Duration::from_millis(ms));
+    }
+}
+
+#[test]
+fn sigkill_of_sifuse_run_at_ten_moments_on_the_fallback_unprivileged() {
+    if !can_mount() {
+        return;
+    }
+    let s = Scratch::new("run-kill-user-fallback", NOBODY);
+    for ms in MOMENTS_MS {
+        sigkill_at(&s, true, &["--no-detached"], Duration::from_millis(ms));
     }
 }

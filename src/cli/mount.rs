@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::Args;
 
 use sifuse::fuse::owners::IdRange;
-use sifuse::launcher::{self, server::ServerRequest, LauncherError};
+use sifuse::launcher::{self, handoff::HandOff, server::ServerRequest, LauncherError};
 use sifuse::mount::options::{MountOptions, OptionError};
 use sifuse::mount::sys::LinuxSyscalls;
 use sifuse::mount::{MountError, MountRequest};
@@ -57,6 +57,14 @@ pub struct MountArgs {
     /// foreground (see the README: ready, started/detached, cleanup/done)
     #[arg(long, value_name = "FD")]
     pub control_fd: Option<i32>,
+    /// With --control-fd: create a detached mount (new mount API), attached nowhere, and
+    /// send its descriptor with the line ready-fd instead of mounting on a directory
+    #[arg(long, requires = "control_fd", conflicts_with_all = ["mountpoint", "serve_fd"])]
+    pub detached: bool,
+    /// With --control-fd: serve the /dev/fuse descriptor, already mounted by the launcher,
+    /// that arrives with the line serve-fd; answer serving
+    #[arg(long, requires = "control_fd", conflicts_with = "mountpoint")]
+    pub serve_fd: bool,
     /// Mount options, squashfuse style (see below)
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     pub options: Vec<String>,
@@ -184,6 +192,13 @@ pub fn mount(args: &MountArgs) -> Result<()> {
             options,
             mountpoint: args.mountpoint.clone(),
             control_fd,
+            handoff: if args.detached {
+                HandOff::MountFd
+            } else if args.serve_fd {
+                HandOff::ServeFd
+            } else {
+                HandOff::HostPath
+            },
         };
         return launcher::server::serve(req, Arc::new(LinuxSyscalls)).map_err(launcher_error);
     }

@@ -7,22 +7,30 @@ use clap::Args;
 
 use sifuse::launcher::run::{Bind, RunRequest};
 use sifuse::launcher::LauncherError;
+use sifuse::mount::options::MountOptions;
 use sifuse::Result;
 
 use super::ImageArgs;
 
 pub const RUN_HELP: &str = "\
-sifuse run starts `sifuse mount --control-fd` on IMAGE, waits for the mount, enters a new \
-mount namespace (inside a user namespace mapping the caller to itself when not root, or \
-with --userns), makes the image the read-only root with /proc, /dev and /sys from the \
-host, a fresh /tmp and the --bind directories, then runs COMMAND. Once COMMAND is running \
-the host copy of the mount is detached and its directory removed; the server serves the \
-container until COMMAND and its children are gone. COMMAND runs in a new pid namespace \
-and dies with sifuse run, together with everything it started.
+sifuse run starts `sifuse mount --control-fd` on IMAGE, enters a new mount namespace \
+(inside a user namespace mapping the caller to itself when not root, or with --userns), \
+makes the image the read-only root with /proc, /dev and /sys from the host, a fresh /tmp \
+and the --bind directories, then runs COMMAND. COMMAND runs in a new pid namespace and \
+dies with sifuse run, together with everything it started.
+
+By default the image is a detached mount (Linux's new mount API), created inside the new \
+namespaces and handed to the server by its /dev/fuse descriptor: the host's mount table \
+never shows it and no directory is made. Where the kernel lacks that API, or with \
+--no-detached, the server mounts on a private directory under $TMPDIR, and once COMMAND \
+is running the host copy is detached and the directory removed. Either way the server \
+serves the container until COMMAND and its children are gone; --debug says which way \
+was taken.
 
 Exit status: COMMAND's, or 128+N when signal N killed it; 126 or 127 when COMMAND cannot \
-be run; 1 when the container could not be set up. Unprivileged use needs fusermount3, \
-unprivileged user namespaces, and a /dev/fuse that users may open.";
+be run; 1 when the container could not be set up. Unprivileged use needs unprivileged user \
+namespaces and a /dev/fuse that users may open; the temp-directory fallback needs \
+fusermount3 too.";
 
 /// `sifuse run`.
 #[derive(Debug, Args)]
@@ -48,10 +56,24 @@ pub struct RunArgs {
     /// Run in a user namespace even as root (always, when not root)
     #[arg(long)]
     pub userns: bool,
+    /// Mount on a temporary directory of the host and detach it once COMMAND runs, even
+    /// where a detached mount would work
+    #[arg(long)]
+    pub no_detached: bool,
+    /// Say on stderr how the image is mounted, and log the launcher's steps
+    #[arg(short = 'd', long)]
+    pub debug: bool,
 }
 
 /// Run `sifuse run`; exits with COMMAND's status.
 pub fn run(args: &RunArgs) -> Result<()> {
+    super::mount::init_logging(args.debug);
+    let mut options = MountOptions::default();
+    for list in &args.options {
+        options
+            .apply(list)
+            .map_err(|e| super::mount::launcher_error(LauncherError::Mount(e.into())))?;
+    }
     let mut mount_args: Vec<OsString> = Vec::new();
     if let Some(offset) = args.image.offset {
         mount_args.push(format!("--offset={offset}").into());
@@ -69,6 +91,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         binds: args.bind.clone(),
         userns: args.userns,
         command: args.command.clone(),
+        options,
+        detached: !args.no_detached,
     };
     match sifuse::launcher::run::run(&req) {
         Ok(code) => std::process::exit(code),

@@ -6,12 +6,16 @@
 //!   holds its own, or cleaned up when the container never starts.
 //! - [`watcher`]: a forked process that cleans up after a server that died (even by
 //!   SIGKILL) before the host copy was detached.
+//! - [`handoff`]: `--detached` and `--serve-fd`, the hand-offs by descriptor of a
+//!   detached mount (the new mount API), which never shows on the host at all.
 //! - [`run`]: `sifuse run`, a reference launcher on top of the protocol.
 //!
 //! The decisions sit on top of narrow traits for the kernel calls ([`host::HostSyscalls`]
 //! here, [`crate::mount::sys::MountSyscalls`] below), so that every transition, each call
 //! failing included, is unit-tested without privileges.
 
+pub mod fdpass;
+pub mod handoff;
 pub mod host;
 pub mod protocol;
 pub mod run;
@@ -21,6 +25,7 @@ pub mod watcher;
 use std::io;
 use std::path::PathBuf;
 
+use crate::mount::detached::DetachedError;
 use crate::mount::MountError;
 
 /// Why launcher mode failed.
@@ -46,6 +51,12 @@ pub enum LauncherError {
     Setup { what: String, source: io::Error },
     #[error("cannot run {command}: {source}")]
     Exec { command: String, source: io::Error },
+    #[error("{source}{hint}")]
+    Detached {
+        source: DetachedError,
+        /// What the caller may do about it, if anything.
+        hint: &'static str,
+    },
     #[error("the sifuse server: {0}")]
     Server(String),
 }

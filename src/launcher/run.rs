@@ -1,5 +1,23 @@
 //! `sifuse run`: a reference launcher on top of the control protocol.
 //!
+//! By default the image is a detached mount (the new mount API) made inside the
+//! container's namespaces, so the host never sees it and no directory is made:
+//!
+//! 1. Start the server (`sifuse mount --control-fd 3 --serve-fd IMAGE`) in the caller's
+//!    namespaces — it must not hold the container's mount namespace, or the mount would
+//!    outlive the container and the server with it.
+//! 2. Unshare a mount namespace (and a user namespace, as below), make every mount private,
+//!    open /dev/fuse, create the detached mount, send the /dev/fuse descriptor with
+//!    `serve-fd` and wait for `serving`.
+//! 3. Attach the mount with move_mount on $TMPDIR (or /tmp) inside the new namespace —
+//!    which hides that directory there and changes nothing on the host — and go on as
+//!    below from the pivot_root. Nothing is ever detached or cleaned up: the connection
+//!    ends with the container's namespace, and the server with it. Should the server die,
+//!    the container, whose root is then dead, is ended too.
+//!
+//! Where the kernel lacks the new mount API (before 5.2), or with `--no-detached`, it
+//! falls back to the temp-directory protocol:
+//!
 //! 1. Start the server (`sifuse mount --control-fd 3 IMAGE`, this same binary) with one
 //!    end of a socketpair, in the caller's namespaces, and wait for `ready PATH`. As root
 //!    it mounts with mount(2); otherwise through the setuid fusermount3, so the host copy
@@ -38,7 +56,12 @@ use nix::sys::statvfs::FsFlags;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 
+use super::fdpass::send_line_with_fd;
+use super::handoff;
+use super::host::temp_base;
 use super::LauncherError;
+use crate::mount::detached::attach_at;
+use crate::mount::options::MountOptions;
 
 /// `--bind SRC[:DST]`: the host's SRC at DST inside the container (DST defaults to SRC).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +100,10 @@ pub struct RunRequest {
     /// A user namespace even as root.
     pub userns: bool,
     pub command: Vec<OsString>,
+    /// The mount options `mount_args` hold, for the detached mount this process creates.
+    pub options: MountOptions,
+    /// Use a detached mount where the kernel can (else the temp-directory protocol).
+    pub detached: bool,
 }
 
 /// One step of building the container's root, in order.
@@ -218,14 +245,16 @@ struct Server {
 }
 
 impl Server {
-    /// Start `sifuse mount --control-fd 3 ... IMAGE` with the other end as descriptor 3.
-    fn start(req: &RunRequest) -> Result<Server, LauncherError> {
+    /// Start `sifuse mount --control-fd 3 [--serve-fd] ... IMAGE` with the other end as
+    /// descriptor 3.
+    fn start(req: &RunRequest, serve_fd: bool) -> Result<Server, LauncherError> {
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| LauncherError::setup("socketpair", e))?;
         let their_fd = theirs.as_raw_fd();
         let mut cmd = Command::new("/proc/self/exe");
         cmd.arg0("sifuse")
             .args(["mount", "--control-fd", "3"])
+            .args(serve_fd.then_some("--serve-fd"))
             .args(&req.mount_args)
             .arg("--")
             .arg(&req.image)
@@ -293,6 +322,25 @@ impl Server {
         }
     }
 
+    /// Hand over the /dev/fuse descriptor of the detached mount and wait for `serving`.
+    fn serve(&mut self, fuse: &OwnedFd) -> Result<(), LauncherError> {
+        use std::os::fd::AsFd;
+        send_line_with_fd(self.output.as_fd(), "serve-fd", fuse.as_fd())
+            .map_err(|e| LauncherError::Server(format!("cannot send serve-fd: {e}")))?;
+        match self.read_line() {
+            Some(line) if line == "serving" => Ok(()),
+            Some(line) => Err(LauncherError::Server(
+                line.strip_prefix("error ").unwrap_or(&line).to_string(),
+            )),
+            None => Err(LauncherError::Server(format!(
+                "exited before serving ({})",
+                self.child
+                    .wait()
+                    .map_or_else(|e| e.to_string(), |s| s.to_string())
+            ))),
+        }
+    }
+
     fn send(&mut self, message: &str) -> io::Result<()> {
         self.output.write_all(format!("{message}\n").as_bytes())
     }
@@ -343,13 +391,29 @@ fn unshare(userns: bool) -> Result<(), LauncherError> {
     Ok(())
 }
 
-/// Make `root` the root of this mount namespace.
-fn enter_root(root: &Path, binds: &[Bind]) -> Result<(), LauncherError> {
+/// Make every mount of this (new) namespace private: no mount or unmount here may reach
+/// the caller's namespace. pivot_root needs it too.
+fn make_private() -> Result<(), LauncherError> {
     let none: Option<&str> = None;
-    // No mount or unmount below may reach the caller's namespace; pivot_root needs it too.
     nix::mount::mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
-        .map_err(|e| LauncherError::setup("cannot make mounts private", e))?;
-    let steps = plan(root, binds, &|p| p.is_dir(), &|p| p.exists())?;
+        .map_err(|e| LauncherError::setup("cannot make mounts private", e))
+}
+
+/// Bind sources held by descriptor (`/proc/self/fd/N`), by their canonical paths.
+type HeldSources = Vec<(PathBuf, File)>;
+
+/// Make `root` the root of this mount namespace. Bind sources found in `held` are bound
+/// from their descriptors, so that a source the attached image hides is still reached.
+fn enter_root(root: &Path, binds: &[Bind], held: &HeldSources) -> Result<(), LauncherError> {
+    make_private()?;
+    let mut steps = plan(root, binds, &|p| p.is_dir(), &|p| p.exists())?;
+    for step in &mut steps {
+        if let Step::Bind { source, .. } = step {
+            if let Some((_, f)) = held.iter().find(|(p, _)| p == source) {
+                *source = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+            }
+        }
+    }
     for step in &steps {
         apply(step)?;
     }
@@ -504,10 +568,41 @@ pub fn run(req: &RunRequest) -> Result<i32, LauncherError> {
             .canonicalize()
             .map_err(|e| LauncherError::setup(format!("--bind {}", b.source.display()), e))?;
     }
-    let mut server = Server::start(req)?;
+    if !req.detached {
+        tracing::debug!("--no-detached: mounting on the host (temp-directory protocol)");
+    } else if handoff::kernel_has_mount_api() {
+        tracing::debug!(
+            "detached mount: created and attached inside the container's namespaces, \
+             never on the host"
+        );
+        return run_detached(req, userns, &binds);
+    } else {
+        tracing::debug!(
+            "this kernel lacks the new mount API: mounting on the host (temp-directory \
+             protocol)"
+        );
+    }
+    run_on_host(req, userns, &binds)
+}
+
+/// Wait for COMMAND's init; its exit status.
+fn wait_container(child: nix::unistd::Pid) -> Result<i32, LauncherError> {
+    loop {
+        match waitpid(child, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Ok(s) => return Ok(exit_code(s)),
+            Err(e) => return Err(LauncherError::setup("waitpid", e)),
+        }
+    }
+}
+
+/// The temp-directory protocol: the server mounts on the host, the container's namespace
+/// copies the mount, and `started` has the server detach the host copy.
+fn run_on_host(req: &RunRequest, userns: bool, binds: &[Bind]) -> Result<i32, LauncherError> {
+    let mut server = Server::start(req, false)?;
     let root = server.ready()?;
     let started = unshare(userns)
-        .and_then(|()| enter_root(&root, &binds))
+        .and_then(|()| enter_root(&root, binds, &Vec::new()))
         .and_then(|()| spawn_container(&req.command));
     let child = match started {
         Ok(child) => child,
@@ -525,17 +620,133 @@ pub fn run(req: &RunRequest) -> Result<i32, LauncherError> {
         Some(line) => eprintln!("sifuse: the server did not detach the host copy: {line}"),
         None => eprintln!("sifuse: the server did not answer started"),
     }
-    let status = loop {
-        match waitpid(child, None) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            Ok(s) => break s,
-            Err(e) => return Err(LauncherError::setup("waitpid", e)),
-        }
-    };
+    let status = wait_container(child)?;
     // The server serves the container's copy until this process, the last holder, is
     // gone; it is not waited for.
     drop(server);
-    Ok(exit_code(status))
+    Ok(status)
+}
+
+/// In the new namespaces: create the detached mount, have the server serve it.
+fn create_and_hand_over(req: &RunRequest, server: &mut Server) -> Result<OwnedFd, LauncherError> {
+    let fuse: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(crate::mount::sys::FUSE_DEVICE)
+        .map_err(|e| LauncherError::setup("cannot open /dev/fuse", e))?
+        .into();
+    let owner = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
+    let spec = handoff::detached_spec(&req.image, &req.options, owner);
+    let mount = handoff::create_mount(&fuse, &spec)?;
+    server.serve(&fuse)?;
+    Ok(mount)
+}
+
+/// The detached mount: made, attached and pivoted into inside the new namespaces only.
+fn run_detached(req: &RunRequest, userns: bool, binds: &[Bind]) -> Result<i32, LauncherError> {
+    let attach_on = temp_base().map_err(|e| LauncherError::setup("$TMPDIR", e))?;
+    // Before unsharing: the server must stay outside the container's namespaces.
+    let mut server = Server::start(req, true)?;
+    let made = unshare(userns)
+        .and_then(|()| make_private())
+        .and_then(|()| create_and_hand_over(req, &mut server));
+    // On failure nothing needs cleaning: dropping the server's stream (or this process's
+    // mount descriptor and namespace) ends the server.
+    let mount = made?;
+    // The image is attached on $TMPDIR, which it then hides inside the namespace; bind
+    // sources are held by descriptor first, so that one beneath it is still reached. They
+    // are opened here, in the new namespace: a bind must come from a mount of the
+    // caller's own namespace.
+    let mut held: HeldSources = Vec::new();
+    for b in binds {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(&b.source)
+            .map_err(|e| LauncherError::setup(format!("--bind {}", b.source.display()), e))?;
+        held.push((b.source.clone(), f));
+    }
+    attach_at(std::os::fd::AsFd::as_fd(&mount), &attach_on).map_err(|e| {
+        LauncherError::setup(
+            format!("cannot attach the image on {}", attach_on.display()),
+            e,
+        )
+    })?;
+    drop(mount);
+    enter_root(&attach_on, binds, &held)?;
+    drop(held);
+    let child = spawn_container(&req.command)?;
+    wait_with_the_server(child, &mut server)
+}
+
+/// Wait for COMMAND's init, and for the server: should it die while COMMAND runs, the
+/// container's root is dead, so end the container (SIGKILL to init, which takes every
+/// process of its pid namespace along) and fail. The server says nothing after `serving`,
+/// so its stream is readable only at its end. One thread polls both: a thread cannot be
+/// started once a pid namespace was unshared for the children. A pidfd names init for
+/// good, where a kill by number could hit a later process given the same one.
+fn wait_with_the_server(
+    child: nix::unistd::Pid,
+    server: &mut Server,
+) -> Result<i32, LauncherError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open with a pid and no flags.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) };
+    if raw < 0 {
+        tracing::warn!("pidfd_open: {}", io::Error::last_os_error());
+        return wait_container(child);
+    }
+    // SAFETY: a new descriptor this process owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: server.input.get_ref().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll on two valid descriptors.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(LauncherError::setup("poll", e));
+        }
+        if fds[0].revents != 0 {
+            return wait_container(child);
+        }
+        if fds[1].revents != 0 {
+            if let Some(line) = server.read_line() {
+                tracing::warn!("the server said {line:?} after serving");
+                continue;
+            }
+            // SAFETY: pidfd_send_signal on this process's pidfd of init, no siginfo.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    pidfd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            let _ = wait_container(child);
+            return Err(LauncherError::Server(
+                "exited while COMMAND ran (its mount is dead): the container was ended".into(),
+            ));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use crate::mount::options::MountOptions;
 use crate::mount::sys::MountSyscalls;
 use crate::mount::{self, MountRequest};
 
+use super::handoff::{self, HandOff};
 use super::host::{temp_base, HostCopy, HostSyscalls, LinuxHost, Stage};
 use super::protocol::{converse, error_line, Ending};
 use super::watcher::{self, Watcher};
@@ -31,6 +32,8 @@ pub struct ServerRequest {
     pub mountpoint: Option<PathBuf>,
     /// The inherited control stream.
     pub control_fd: RawFd,
+    /// How the mount reaches the launcher: by path on the host, or by descriptor.
+    pub handoff: HandOff,
 }
 
 /// State the control thread and the serving thread share.
@@ -74,6 +77,15 @@ fn take_control(fd: RawFd) -> Result<File, LauncherError> {
 /// Run the server. Returns once the mount is gone; Err when the launcher was told `error`.
 pub fn serve(req: ServerRequest, mount_sys: Arc<dyn MountSyscalls>) -> Result<(), LauncherError> {
     let mut control = take_control(req.control_fd)?;
+    match req.handoff {
+        HandOff::HostPath => {}
+        HandOff::MountFd => {
+            return handoff::serve_mount_fd(control, &req.image, &req.options, mount_sys)
+        }
+        HandOff::ServeFd => {
+            return handoff::serve_received_fd(control, &req.image, &req.options, mount_sys)
+        }
+    }
     let host_sys = LinuxHost(mount_sys.clone());
     let fail = |control: &mut File, e: LauncherError| {
         let _ = control.write_all(error_line(&e.to_string()).as_bytes());

@@ -1,0 +1,311 @@
+//! Launcher mode without a host copy: detached mounts (Linux's new mount API), handed over
+//! by descriptor instead of by path, so that nothing ever shows in the host's mount table
+//! and no directory is made, whatever is killed and whenever.
+//!
+//! - `sifuse mount --control-fd FD --detached IMAGE`: sifuse opens /dev/fuse, creates the
+//!   detached mount (read-only, nosuid and nodev unless asked), sends its descriptor with
+//!   the line `ready-fd` and serves until the kernel ends the connection — when the last
+//!   reference (descriptor, namespace, working directory, root) is gone.
+//! - `sifuse mount --control-fd FD --serve-fd IMAGE`: the reverse, for launchers that mount
+//!   inside their own namespaces: they send an open /dev/fuse descriptor, on which they
+//!   created the mount, with the line `serve-fd`; sifuse answers `serving` once the FUSE
+//!   session has started.
+//!
+//! Either way there is nothing on the host to detach or clean up: no watcher, and after
+//! the hand-off nothing more is read from the control stream.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::mount::attach::is_inherited_fuse_fd;
+use crate::mount::detached::{self, DetachedError, DetachedSpec};
+use crate::mount::options::MountOptions;
+use crate::mount::sys::{MountFlags, MountSyscalls};
+use crate::mount::{self, MountRequest, DEFAULT_SUBTYPE};
+
+use super::fdpass::{recv_line, send_line_with_fd};
+use super::protocol::error_line;
+use super::LauncherError;
+
+/// Which hand-off `sifuse mount --control-fd` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOff {
+    /// Mount on a directory of the host and hand over its path (`ready PATH`).
+    HostPath,
+    /// Create a detached mount and hand over its descriptor (`ready-fd`).
+    MountFd,
+    /// Serve a /dev/fuse descriptor the launcher mounted (`serve-fd`, `serving`).
+    ServeFd,
+}
+
+/// The detached mount sifuse makes for IMAGE with `options`, owned by `owner`: the same
+/// source, type, flags and access as a mount on a directory.
+pub fn detached_spec(image: &Path, options: &MountOptions, owner: (u32, u32)) -> DetachedSpec {
+    let source = match &options.fsname {
+        Some(name) => name.clone(),
+        None => std::path::absolute(image)
+            .unwrap_or_else(|_| image.to_path_buf())
+            .display()
+            .to_string(),
+    };
+    DetachedSpec {
+        source,
+        subtype: options
+            .subtype
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SUBTYPE.into()),
+        flags: MountFlags {
+            nosuid: !options.suid,
+            nodev: !options.dev,
+        },
+        access: options.access(),
+        owner,
+    }
+}
+
+/// A failed detached mount, with what to do about a refusal.
+pub fn detached_error(source: DetachedError) -> LauncherError {
+    let refused = matches!(
+        &source,
+        DetachedError::Failed { source: e, .. }
+            if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+    );
+    let hint = if refused {
+        " (unprivileged, the caller needs CAP_SYS_ADMIN in a user namespace that owns its \
+         mount namespace, as after unshare -r -m, and a /dev/fuse it may open)"
+    } else {
+        ""
+    };
+    LauncherError::Detached { source, hint }
+}
+
+/// Create a detached mount of `spec` through `fuse`.
+pub fn create_mount(fuse: &OwnedFd, spec: &DetachedSpec) -> Result<OwnedFd, LauncherError> {
+    detached::create(fuse.as_fd(), spec).map_err(detached_error)
+}
+
+/// `/dev/fd/N` for a FUSE descriptor this process serves: the mount layer's form of an
+/// already mounted /dev/fuse descriptor. The number passes to the mount layer, which takes
+/// ownership of it (and, should it fail before, the process exits anyway).
+fn served_path(fuse: OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/dev/fd/{}", fuse.into_raw_fd()))
+}
+
+/// Serve `fuse` in the foreground; `live` runs once the session has started.
+fn serve_descriptor(
+    image: &Path,
+    options: &MountOptions,
+    fuse: OwnedFd,
+    mount_sys: Arc<dyn MountSyscalls>,
+    live: impl FnOnce(&Path) + Send + 'static,
+) -> Result<(), mount::MountError> {
+    let mut options = options.clone();
+    options.foreground = true;
+    let req = MountRequest {
+        image: image.to_path_buf(),
+        mountpoint: served_path(fuse),
+        options,
+    };
+    mount::mount_foreground(&req, mount_sys, live)
+}
+
+/// `--detached`: create the mount, send `ready-fd` with its descriptor, serve.
+pub fn serve_mount_fd(
+    mut control: File,
+    image: &Path,
+    options: &MountOptions,
+    mount_sys: Arc<dyn MountSyscalls>,
+) -> Result<(), LauncherError> {
+    let fail = |control: &mut File, e: LauncherError| {
+        let _ = control.write_all(error_line(&e.to_string()).as_bytes());
+        Err(e)
+    };
+    let fuse = match mount_sys.open_fuse_device() {
+        Ok(f) => f,
+        Err(e) => {
+            return fail(
+                &mut control,
+                LauncherError::setup("cannot open /dev/fuse", e),
+            )
+        }
+    };
+    let spec = detached_spec(image, options, mount_sys.user_and_group());
+    let mount_fd = match create_mount(&fuse, &spec) {
+        Ok(m) => m,
+        Err(e) => return fail(&mut control, e),
+    };
+    let announced = Arc::new(AtomicBool::new(false));
+    let live = {
+        let announced = announced.clone();
+        let control = control.try_clone();
+        move |_: &Path| {
+            let sent =
+                control.and_then(|c| send_line_with_fd(c.as_fd(), "ready-fd", mount_fd.as_fd()));
+            match sent {
+                Ok(()) => announced.store(true, Ordering::SeqCst),
+                Err(e) => tracing::error!("cannot send ready-fd: {e}"),
+            }
+            // This process must hold no reference, or the connection would never end: the
+            // launcher's copy (or, if sending failed, none) is the only one from here on.
+            drop(mount_fd);
+        }
+    };
+    let served = serve_descriptor(image, options, fuse, mount_sys, live);
+    if announced.load(Ordering::SeqCst) {
+        return served.map_err(LauncherError::from);
+    }
+    match served {
+        Err(e) => fail(&mut control, e.into()),
+        Ok(()) => Err(LauncherError::Control {
+            fd: control.as_raw_fd(),
+            reason: "cannot send ready-fd: the launcher is gone".into(),
+        }),
+    }
+}
+
+/// What the launcher's first message must be in `--serve-fd` mode.
+fn expect_serve_fd(received: Option<super::fdpass::Received>) -> Result<OwnedFd, String> {
+    let Some(r) = received else {
+        return Err("end of file before serve-fd".into());
+    };
+    if r.line != "serve-fd" || r.fds.len() != 1 {
+        return Err(format!(
+            "expected serve-fd with one /dev/fuse descriptor, got {:?} with {} descriptors",
+            r.line,
+            r.fds.len()
+        ));
+    }
+    let fd = r.fds.into_iter().next().expect("one descriptor");
+    if !is_inherited_fuse_fd(Path::new(&format!("/dev/fd/{}", fd.as_raw_fd()))) {
+        return Err("the descriptor sent with serve-fd is not open on /dev/fuse".into());
+    }
+    Ok(fd)
+}
+
+/// `--serve-fd`: receive the launcher's /dev/fuse descriptor, serve it, answer `serving`.
+pub fn serve_received_fd(
+    mut control: File,
+    image: &Path,
+    options: &MountOptions,
+    mount_sys: Arc<dyn MountSyscalls>,
+) -> Result<(), LauncherError> {
+    let fd = control.as_raw_fd();
+    let received = recv_line(control.as_fd()).map_err(|e| e.to_string());
+    let fuse = match received.and_then(expect_serve_fd) {
+        Ok(f) => f,
+        Err(reason) => {
+            let _ = control.write_all(error_line(&reason).as_bytes());
+            return Err(LauncherError::Control { fd, reason });
+        }
+    };
+    let announced = Arc::new(AtomicBool::new(false));
+    let live = {
+        let announced = announced.clone();
+        let control = control.try_clone();
+        move |_: &Path| match control.and_then(|mut c| c.write_all(b"serving\n")) {
+            Ok(()) => announced.store(true, Ordering::SeqCst),
+            // The launcher holds the mount; it hears of trouble from the mount itself.
+            Err(e) => tracing::warn!("cannot answer serving: {e}"),
+        }
+    };
+    let served = serve_descriptor(image, options, fuse, mount_sys, live);
+    match served {
+        Err(e) if !announced.load(Ordering::SeqCst) => {
+            let e = LauncherError::from(e);
+            let _ = control.write_all(error_line(&e.to_string()).as_bytes());
+            Err(e)
+        }
+        other => other.map_err(LauncherError::from),
+    }
+}
+
+/// Whether this kernel has the new mount API at all: fsopen with no name fails with
+/// EFAULT (or EPERM without the capability) where it exists, ENOSYS where it does not.
+pub fn kernel_has_mount_api() -> bool {
+    // SAFETY: fsopen with a null name reads nothing; it fails before creating anything.
+    let rc = unsafe { libc::syscall(libc::SYS_fsopen, std::ptr::null::<libc::c_char>(), 0) };
+    if rc >= 0 {
+        // SAFETY: a descriptor this call created (it cannot, but close it if it did).
+        unsafe { libc::close(rc as i32) };
+        return true;
+    }
+    io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mount::options::Access;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn the_spec_follows_the_options() {
+        let mut o = MountOptions::default();
+        let s = detached_spec(Path::new("/i/img.sif"), &o, (1000, 100));
+        assert_eq!(s.source, "/i/img.sif");
+        assert_eq!(s.subtype, "sifuse");
+        assert_eq!(
+            s.flags,
+            MountFlags {
+                nosuid: true,
+                nodev: true
+            }
+        );
+        assert_eq!((s.access, s.owner), (Access::Owner, (1000, 100)));
+        o.apply("suid,dev,allow_other,fsname=x,subtype=y").unwrap();
+        let s = detached_spec(Path::new("img"), &o, (0, 0));
+        assert_eq!((s.source.as_str(), s.subtype.as_str()), ("x", "y"));
+        assert!(!s.flags.nosuid && !s.flags.nodev);
+        assert_eq!(s.access, Access::Everyone);
+    }
+
+    #[test]
+    fn refusals_say_what_is_needed_and_missing_apis_say_so() {
+        let refused = DetachedError::Failed {
+            call: "fsopen(\"fuse\")",
+            source: io::Error::from_raw_os_error(libc::EPERM),
+            log: String::new(),
+        };
+        let msg = detached_error(refused).to_string();
+        assert!(
+            msg.contains("user namespace that owns its mount namespace"),
+            "{msg}"
+        );
+        let missing = DetachedError::Unsupported {
+            call: "fsopen(\"fuse\")",
+            source: io::Error::from_raw_os_error(libc::ENOSYS),
+        };
+        let msg = detached_error(missing).to_string();
+        assert!(msg.contains("lacks the new mount API"), "{msg}");
+        assert!(!msg.contains("user namespace"), "{msg}");
+    }
+
+    #[test]
+    fn serve_fd_wants_one_fuse_descriptor() {
+        let got = |line: &str, fds: Vec<OwnedFd>| {
+            expect_serve_fd(Some(super::super::fdpass::Received {
+                line: line.into(),
+                fds,
+            }))
+        };
+        assert!(expect_serve_fd(None).unwrap_err().contains("end of file"));
+        let err = got("serve-fd", vec![]).unwrap_err();
+        assert!(err.contains("with 0 descriptors"), "{err}");
+        let null: OwnedFd = File::open("/dev/null").unwrap().into();
+        let err = got("serve-fd", vec![null]).unwrap_err();
+        assert!(err.contains("not open on /dev/fuse"), "{err}");
+        let (a, _b) = UnixStream::pair().unwrap();
+        let err = got("ready", vec![a.into()]).unwrap_err();
+        assert!(err.contains("got \"ready\""), "{err}");
+    }
+
+    #[test]
+    fn this_kernel_has_the_mount_api() {
+        // 5.2 and later; every kernel this project supports.
+        assert!(kernel_has_mount_api());
+    }
+}
