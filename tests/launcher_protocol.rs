@@ -256,8 +256,23 @@ fn a_given_mount_point_is_unmounted_but_kept() {
     let s = Scratch::new("proto-given", 0);
     let mnt = s.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let mut l = Launcher::start(&s, false, &[&mnt]);
+    // The notify pipe works in launcher mode too.
+    let fifo = s.path().join("notify");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let (tx, notified) = std::sync::mpsc::channel();
+    {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || tx.send(fs::read(fifo).unwrap()));
+    }
+    let notify = format!("notify_pipe={}", fifo.display());
+    let mut l = Launcher::start(&s, false, &[&mnt, Path::new("-o"), Path::new(&notify)]);
     assert_eq!(l.ready(), mnt);
+    assert_eq!(
+        notified
+            .recv_timeout(launcher_util::LIMIT)
+            .expect("no word on the notify pipe"),
+        b"s"
+    );
     assert!(mount_line(&mnt).is_some());
     l.send("started");
     assert_eq!(l.read().as_deref(), Some("detached"));

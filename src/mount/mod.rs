@@ -230,8 +230,19 @@ pub fn mount_foreground(
     sys: Arc<dyn MountSyscalls>,
     live: impl FnOnce(&Path) + Send + 'static,
 ) -> Result<(), MountError> {
-    let mounted = prepare(req, &*sys)?;
-    serve(mounted, &req.options, sys, None, Live::Call(Box::new(live)))
+    let notify = req.options.notify_pipe.as_ref().map(NotifyPipe::new);
+    let mounted = prepare(req, &*sys).inspect_err(|_| {
+        if let Some(n) = &notify {
+            n.failed();
+        }
+    })?;
+    serve(
+        mounted,
+        &req.options,
+        sys,
+        notify,
+        Live::Call(Box::new(live)),
+    )
 }
 
 /// Whom to tell that the mount is live.

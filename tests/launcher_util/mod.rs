@@ -1,8 +1,8 @@
 //! Helpers of the `tests/launcher_*.rs` tests: a small busybox root file system image per
 //! test, a private $TMPDIR, the launcher's end of the control stream, and the check that
-//! nothing is left behind — no mount under the $TMPDIR in /proc/self/mountinfo, no process
-//! whose command line names the test's image (server, watcher, `sifuse run`, COMMAND),
-//! nothing in the $TMPDIR.
+//! nothing is left behind — no mount in the scratch directory (which holds the $TMPDIR) in
+//! /proc/self/mountinfo, no process whose command line names the test's image (server,
+//! watcher, `sifuse run`, COMMAND), nothing in the $TMPDIR.
 #![allow(dead_code)]
 
 use std::fs;
@@ -82,13 +82,14 @@ impl Scratch {
         self.dir.path()
     }
 
-    /// Everything left behind right now.
+    /// Everything left behind right now: mounts anywhere in the scratch directory (the
+    /// $TMPDIR, or a mount point a test gave), processes, entries in the $TMPDIR.
     pub fn leftovers(&self) -> Vec<String> {
         let mut left = Vec::new();
         let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let tmp = self.tmp.to_str().unwrap();
+        let base = self.path().to_str().unwrap();
         for line in info.lines() {
-            if line.split(' ').nth(4).is_some_and(|p| p.starts_with(tmp)) {
+            if line.split(' ').nth(4).is_some_and(|p| p.starts_with(base)) {
                 left.push(format!("mount: {line}"));
             }
         }
@@ -120,9 +121,9 @@ impl Drop for Scratch {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let tmp = self.tmp.to_str().unwrap().to_string();
+        let base = self.path().to_str().unwrap().to_string();
         for line in info.lines().rev() {
-            if let Some(p) = line.split(' ').nth(4).filter(|p| p.starts_with(&tmp)) {
+            if let Some(p) = line.split(' ').nth(4).filter(|p| p.starts_with(&base)) {
                 crate::mount_util::force_unmount(Path::new(p));
             }
         }
