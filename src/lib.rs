@@ -13,6 +13,7 @@ pub mod error;
 pub mod extract;
 pub mod fuse;
 pub mod image;
+pub mod launcher;
 pub mod mount;
 pub mod sif;
 pub mod source;

@@ -55,6 +55,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Mount(args) => super::mount::mount(&args),
         Command::Umount(args) => super::mount::umount(&args),
+        Command::Run(args) => super::run::run(&args),
         Command::InstallCompat { dir, force } => super::compat::install_compat(&dir, force),
         Command::Completions { shell } => Ok(super::docs::completions(shell)?),
     }

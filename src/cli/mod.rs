@@ -5,6 +5,7 @@ mod commands;
 pub mod compat;
 mod docs;
 mod mount;
+mod run;
 
 use std::path::PathBuf;
 
@@ -99,6 +100,8 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Unmount a sifuse mount (umount2 as root, fusermount3 otherwise)
     Umount(mount::UmountArgs),
+    /// Run a command with the image as its read-only root, in new namespaces
+    Run(run::RunArgs),
     /// Make squashfuse_ll and squashfuse in DIR: links to this binary, which then takes
     /// squashfuse's command line, so launchers that look for those names use sifuse
     #[command(after_long_help = compat::COMPAT_HELP)]

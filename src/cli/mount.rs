@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::Args;
 
 use sifuse::fuse::owners::IdRange;
+use sifuse::launcher::{self, server::ServerRequest, LauncherError};
 use sifuse::mount::options::{MountOptions, OptionError};
 use sifuse::mount::sys::LinuxSyscalls;
 use sifuse::mount::{MountError, MountRequest};
@@ -49,7 +50,13 @@ pub struct MountArgs {
     #[command(flatten)]
     pub image: ImageArgs,
     /// Directory to mount on, or /dev/fd/N naming an already mounted /dev/fuse descriptor
-    pub mountpoint: PathBuf,
+    /// (optional with --control-fd: sifuse then makes $TMPDIR/sifuse-XXXXXX/root)
+    #[arg(required_unless_present = "control_fd")]
+    pub mountpoint: Option<PathBuf>,
+    /// Launcher mode: speak the control protocol on this inherited socket, in the
+    /// foreground (see the README: ready, started/detached, cleanup/done)
+    #[arg(long, value_name = "FD")]
+    pub control_fd: Option<i32>,
     /// Mount options, squashfuse style (see below)
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     pub options: Vec<String>,
@@ -101,8 +108,8 @@ pub struct MountArgs {
 }
 
 impl MountArgs {
-    /// The mount request: flags first, then the `-o` lists.
-    pub fn request(&self) -> std::result::Result<MountRequest, OptionError> {
+    /// The mount options: flags first, then the `-o` lists.
+    pub fn options(&self) -> std::result::Result<MountOptions, OptionError> {
         let mut o = MountOptions {
             offset: self.image.offset,
             partition: self.image.partition.clone(),
@@ -128,11 +135,7 @@ impl MountArgs {
         for list in &self.options {
             o.apply(list)?;
         }
-        Ok(MountRequest {
-            image: self.image.image.clone(),
-            mountpoint: self.mountpoint.clone(),
-            options: o,
-        })
+        Ok(o)
     }
 }
 
@@ -173,9 +176,32 @@ pub(super) fn init_logging(debug: bool) {
 
 /// Run `sifuse mount`.
 pub fn mount(args: &MountArgs) -> Result<()> {
-    let req = args.request().map_err(|e| mount_error(e.into()))?;
-    init_logging(req.options.debug);
+    let options = args.options().map_err(|e| mount_error(e.into()))?;
+    init_logging(options.debug);
+    if let Some(control_fd) = args.control_fd {
+        let req = ServerRequest {
+            image: args.image.image.clone(),
+            options,
+            mountpoint: args.mountpoint.clone(),
+            control_fd,
+        };
+        return launcher::server::serve(req, Arc::new(LinuxSyscalls)).map_err(launcher_error);
+    }
+    let req = MountRequest {
+        image: args.image.image.clone(),
+        // clap requires a mount point without --control-fd.
+        mountpoint: args.mountpoint.clone().unwrap_or_default(),
+        options,
+    };
     sifuse::mount::mount(&req, Arc::new(LinuxSyscalls)).map_err(mount_error)
+}
+
+/// An error of launcher mode as the binary reports it: one line.
+pub fn launcher_error(e: LauncherError) -> Error {
+    match e {
+        LauncherError::Mount(e) => mount_error(e),
+        e => Error::Io(io::Error::other(e.to_string())),
+    }
 }
 
 /// Run `sifuse umount`.

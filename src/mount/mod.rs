@@ -196,7 +196,7 @@ pub fn mount(req: &MountRequest, sys: Arc<dyn MountSyscalls>) -> Result<(), Moun
         }
     })?;
     let report = if req.options.foreground || req.options.debug {
-        None
+        Live::Quiet
     } else {
         match daemon::daemonize() {
             Ok(Role::Parent(wait)) => {
@@ -207,7 +207,7 @@ pub fn mount(req: &MountRequest, sys: Arc<dyn MountSyscalls>) -> Result<(), Moun
                     Outcome::Failed(msg) => Err(MountError::DaemonFailed(msg)),
                 };
             }
-            Ok(Role::Daemon(report)) => Some(report),
+            Ok(Role::Daemon(report)) => Live::Daemon(report),
             Err(e) => {
                 undo(&*sys, &mounted.attachment);
                 if let Some(n) = &notify {
@@ -218,6 +218,41 @@ pub fn mount(req: &MountRequest, sys: Arc<dyn MountSyscalls>) -> Result<(), Moun
         }
     };
     serve(mounted, &req.options, sys, notify, report)
+}
+
+/// Mount in the foreground, call `live` with the mount point once the mount answers (on
+/// the calling thread, before serving goes on), then serve until the kernel ends the
+/// connection: the last copy of the mount, in any mount namespace, is gone. For launchers
+/// ([`crate::launcher`]), which detach and clean up the host copy from another thread
+/// with [`attach::unmount`].
+pub fn mount_foreground(
+    req: &MountRequest,
+    sys: Arc<dyn MountSyscalls>,
+    live: impl FnOnce(&Path) + Send + 'static,
+) -> Result<(), MountError> {
+    let notify = req.options.notify_pipe.as_ref().map(NotifyPipe::new);
+    let mounted = prepare(req, &*sys).inspect_err(|_| {
+        if let Some(n) = &notify {
+            n.failed();
+        }
+    })?;
+    serve(
+        mounted,
+        &req.options,
+        sys,
+        notify,
+        Live::Call(Box::new(live)),
+    )
+}
+
+/// Whom to tell that the mount is live.
+enum Live {
+    /// Nobody (foreground mode; the notify pipe, if any, is told separately).
+    Quiet,
+    /// The parent waiting for the daemon.
+    Daemon(Readiness),
+    /// A launcher's callback, with the mount point.
+    Call(Box<dyn FnOnce(&Path) + Send>),
 }
 
 /// Check that the mount point now shows the served root, answered by this process.
@@ -275,7 +310,7 @@ fn serve(
     opts: &MountOptions,
     sys: Arc<dyn MountSyscalls>,
     notify: Option<NotifyPipe>,
-    report: Option<Readiness>,
+    report: Live,
 ) -> Result<(), MountError> {
     let Mounted {
         session,
@@ -300,14 +335,16 @@ fn serve(
             if let Some(n) = &notify {
                 n.failed();
             }
-            if let Some(r) = report {
+            if let Live::Daemon(r) = report {
                 r.failed(&e.to_string());
             }
             return Err(e);
         }
     };
-    if let Some(r) = report {
-        r.ready();
+    match report {
+        Live::Quiet => {}
+        Live::Daemon(r) => r.ready(),
+        Live::Call(live) => live(attachment.path().unwrap_or(Path::new(""))),
     }
     // Returns once the kernel ends the connection: the mount is gone.
     running.join().map_err(|e| {

@@ -1,0 +1,625 @@
+//! `sifuse run`: a reference launcher on top of the control protocol.
+//!
+//! 1. Start the server (`sifuse mount --control-fd 3 IMAGE`, this same binary) with one
+//!    end of a socketpair, in the caller's namespaces, and wait for `ready PATH`. As root
+//!    it mounts with mount(2); otherwise through the setuid fusermount3, so the host copy
+//!    lives in the caller's mount namespace where the server can later detach it.
+//! 2. Unshare a mount namespace (and a user namespace mapping the caller to itself when
+//!    not root, or with `--userns`), make every mount private, bind the mount onto itself
+//!    (a mount copied from a more privileged namespace is locked and cannot become a
+//!    root), keep it read-only, mount /proc, /dev and /sys (binds of the host's: a fresh
+//!    sysfs needs a network namespace, a fresh proc a process inside the pid namespace),
+//!    a tmpfs /tmp and the `--bind`s, then pivot_root into it. From here the container's
+//!    namespace holds its own copy.
+//! 3. In a new pid namespace, fork an init with a parent-death signal, which forks
+//!    COMMAND; learn through a close-on-exec pipe that COMMAND was exec'd, send `started`
+//!    (the server detaches the host copy and removes its directory), wait, and return
+//!    COMMAND's status (128+signal if killed).
+//!
+//! Killing `sifuse run` at any moment leaves nothing behind: init dies with it and takes
+//! every process of the container along, the server sees end of file (before `started`:
+//! it cleans up) or the connection end (after: it exits), and the server's watcher
+//! covers the server itself.
+
+use std::ffi::{CString, OsString};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::statvfs::FsFlags;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult};
+
+use super::LauncherError;
+
+/// `--bind SRC[:DST]`: the host's SRC at DST inside the container (DST defaults to SRC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub source: PathBuf,
+    pub dest: PathBuf,
+}
+
+impl FromStr for Bind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Bind, String> {
+        let (source, dest) = s.split_once(':').unwrap_or((s, s));
+        if source.is_empty() || dest.is_empty() {
+            return Err(format!("{s:?}: expected SRC or SRC:DST"));
+        }
+        if !dest.starts_with('/') {
+            return Err(format!(
+                "{dest:?}: the destination must be an absolute path"
+            ));
+        }
+        Ok(Bind {
+            source: source.into(),
+            dest: dest.into(),
+        })
+    }
+}
+
+/// What `sifuse run` was asked.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub image: PathBuf,
+    /// Arguments for `sifuse mount` before IMAGE: image selection flags and `-o` lists.
+    pub mount_args: Vec<OsString>,
+    pub binds: Vec<Bind>,
+    /// A user namespace even as root.
+    pub userns: bool,
+    pub command: Vec<OsString>,
+}
+
+/// One step of building the container's root, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Recursive bind of `source` onto `target`.
+    Bind { source: PathBuf, target: PathBuf },
+    /// Remount the bind at `target` read-only, keeping the flags it has.
+    ReadOnly(PathBuf),
+    /// A fresh tmpfs, nosuid and nodev, mode 1777.
+    Tmpfs(PathBuf),
+}
+
+/// Where `inside` (absolute, in the container) lies under `root`. A symlink in the image
+/// may lead the mount elsewhere; it then lands in the old root, which is detached after
+/// pivot_root, so it can reach nothing of the host's (every mount here is private).
+fn under(root: &Path, inside: &Path) -> PathBuf {
+    root.join(inside.strip_prefix("/").unwrap_or(inside))
+}
+
+/// The mounts that make `root` a container root. `is_dir(path)` says whether a standard
+/// mount point exists in the image (it is read-only: nothing can be created); a missing
+/// one is skipped with a warning. Binds must find their destination.
+pub fn plan(
+    root: &Path,
+    binds: &[Bind],
+    is_dir: &dyn Fn(&Path) -> bool,
+    exists: &dyn Fn(&Path) -> bool,
+) -> Result<Vec<Step>, LauncherError> {
+    let mut steps = vec![
+        Step::Bind {
+            source: root.into(),
+            target: root.into(),
+        },
+        Step::ReadOnly(root.into()),
+    ];
+    let standard = [("proc", true), ("dev", true), ("sys", true), ("tmp", false)];
+    for (name, from_host) in standard {
+        let target = root.join(name);
+        if !is_dir(&target) {
+            tracing::warn!("the image has no /{name}: not mounted");
+            continue;
+        }
+        if from_host {
+            steps.push(Step::Bind {
+                source: Path::new("/").join(name),
+                target: target.clone(),
+            });
+            if name == "sys" {
+                steps.push(Step::ReadOnly(target));
+            }
+        } else {
+            steps.push(Step::Tmpfs(target));
+        }
+    }
+    for b in binds {
+        let target = under(root, &b.dest);
+        if !exists(&target) {
+            return Err(LauncherError::setup(
+                format!("--bind {}:{}", b.source.display(), b.dest.display()),
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "the destination does not exist in the image (it is read-only, so \
+                     sifuse cannot create it)",
+                ),
+            ));
+        }
+        steps.push(Step::Bind {
+            source: b.source.clone(),
+            target,
+        });
+    }
+    Ok(steps)
+}
+
+/// The flags of a read-only bind remount of a mount that has `current`. In a user
+/// namespace the kernel locks nosuid, nodev, noexec and the atime flags of mounts that
+/// came from a more privileged namespace: a remount that drops any of them fails with
+/// EPERM, so keep all that are set.
+pub fn readonly_remount_flags(current: FsFlags) -> MsFlags {
+    let mut f = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+    let keep = [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ];
+    for (st, ms) in keep {
+        if current.contains(st) {
+            f |= ms;
+        }
+    }
+    f
+}
+
+fn apply(step: &Step) -> Result<(), LauncherError> {
+    let none: Option<&str> = None;
+    match step {
+        Step::Bind { source, target } => nix::mount::mount(
+            Some(source.as_path()),
+            target,
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            none,
+        )
+        .map_err(|e| {
+            LauncherError::setup(
+                format!("cannot bind {} to {}", source.display(), target.display()),
+                e,
+            )
+        }),
+        Step::ReadOnly(target) => {
+            let what = || format!("cannot make {} read-only", target.display());
+            let st =
+                nix::sys::statvfs::statvfs(target).map_err(|e| LauncherError::setup(what(), e))?;
+            nix::mount::mount(none, target, none, readonly_remount_flags(st.flags()), none)
+                .map_err(|e| LauncherError::setup(what(), e))
+        }
+        Step::Tmpfs(target) => nix::mount::mount(
+            Some("tmpfs"),
+            target,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        )
+        .map_err(|e| {
+            LauncherError::setup(format!("cannot mount a tmpfs on {}", target.display()), e)
+        }),
+    }
+}
+
+/// The server and the launcher's end of the control stream.
+struct Server {
+    child: Child,
+    input: BufReader<UnixStream>,
+    output: UnixStream,
+}
+
+impl Server {
+    /// Start `sifuse mount --control-fd 3 ... IMAGE` with the other end as descriptor 3.
+    fn start(req: &RunRequest) -> Result<Server, LauncherError> {
+        let (ours, theirs) =
+            UnixStream::pair().map_err(|e| LauncherError::setup("socketpair", e))?;
+        let their_fd = theirs.as_raw_fd();
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg0("sifuse")
+            .args(["mount", "--control-fd", "3"])
+            .args(&req.mount_args)
+            .arg("--")
+            .arg(&req.image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            // A process group of its own: a terminal's ^C ends COMMAND and this launcher,
+            // and the server then cleans up in order instead of dying with them.
+            .process_group(0);
+        // SAFETY: only dup2 and fcntl, async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if their_fd == 3 {
+                    if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(their_fd, 3) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| LauncherError::setup("cannot start the sifuse server", e))?;
+        drop(theirs);
+        let output = ours
+            .try_clone()
+            .map_err(|e| LauncherError::setup("socketpair", e))?;
+        Ok(Server {
+            child,
+            input: BufReader::new(ours),
+            output,
+        })
+    }
+
+    /// The next line from the server, without its newline; None at end of file.
+    fn read_line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.input.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line.trim_end_matches('\n').to_string()),
+        }
+    }
+
+    /// Wait for `ready PATH`.
+    fn ready(&mut self) -> Result<PathBuf, LauncherError> {
+        match self.read_line() {
+            Some(line) => match line.split_once(' ') {
+                Some(("ready", path)) => Ok(PathBuf::from(path)),
+                Some(("error", msg)) => {
+                    let _ = self.child.wait();
+                    Err(LauncherError::Server(msg.to_string()))
+                }
+                _ => Err(LauncherError::Server(format!(
+                    "unexpected message {line:?}"
+                ))),
+            },
+            None => {
+                let status = self.child.wait();
+                Err(LauncherError::Server(format!(
+                    "exited before the mount was ready ({})",
+                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                )))
+            }
+        }
+    }
+
+    fn send(&mut self, message: &str) -> io::Result<()> {
+        self.output.write_all(format!("{message}\n").as_bytes())
+    }
+
+    /// Startup failed: ask the server to clean up, and wait for it.
+    fn clean_up(mut self) {
+        if self.send("cleanup").is_ok() {
+            match self.read_line().as_deref() {
+                Some("done") | None => {}
+                Some(other) => eprintln!("sifuse: cleanup: {other}"),
+            }
+        }
+        drop(self.output);
+        drop(self.input);
+        let _ = self.child.wait();
+    }
+}
+
+/// Write one line to a /proc file of this process.
+fn write_proc(name: &str, content: &str) -> Result<(), LauncherError> {
+    std::fs::write(format!("/proc/self/{name}"), content)
+        .map_err(|e| LauncherError::setup(format!("cannot write /proc/self/{name}"), e))
+}
+
+/// Enter new namespaces: a mount namespace, inside a user namespace mapping the caller
+/// to itself when `userns`.
+fn unshare(userns: bool) -> Result<(), LauncherError> {
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    let mut flags = CloneFlags::CLONE_NEWNS;
+    if userns {
+        flags |= CloneFlags::CLONE_NEWUSER;
+    }
+    nix::sched::unshare(flags).map_err(|e| {
+        let hint = if userns {
+            " (are unprivileged user namespaces disabled here?)"
+        } else {
+            ""
+        };
+        LauncherError::setup(format!("cannot unshare namespaces{hint}"), e)
+    })?;
+    if userns {
+        // An unprivileged process may map only itself, and a gid only once setgroups
+        // is denied.
+        write_proc("setgroups", "deny")?;
+        write_proc("uid_map", &format!("{uid} {uid} 1\n"))?;
+        write_proc("gid_map", &format!("{gid} {gid} 1\n"))?;
+    }
+    Ok(())
+}
+
+/// Make `root` the root of this mount namespace.
+fn enter_root(root: &Path, binds: &[Bind]) -> Result<(), LauncherError> {
+    let none: Option<&str> = None;
+    // No mount or unmount below may reach the caller's namespace; pivot_root needs it too.
+    nix::mount::mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(|e| LauncherError::setup("cannot make mounts private", e))?;
+    let steps = plan(root, binds, &|p| p.is_dir(), &|p| p.exists())?;
+    for step in &steps {
+        apply(step)?;
+    }
+    std::env::set_current_dir(root)
+        .map_err(|e| LauncherError::setup(format!("cannot enter {}", root.display()), e))?;
+    // The new root needs no directory for the old one (it is read-only anyway): stack the
+    // old root on top and detach it.
+    nix::unistd::pivot_root(".", ".").map_err(|e| LauncherError::setup("pivot_root", e))?;
+    nix::mount::umount2(".", MntFlags::MNT_DETACH)
+        .map_err(|e| LauncherError::setup("cannot detach the old root", e))?;
+    std::env::set_current_dir("/").map_err(|e| LauncherError::setup("chdir /", e))?;
+    Ok(())
+}
+
+/// The exit status a shell would show for `status`.
+pub fn exit_code(status: WaitStatus) -> i32 {
+    match status {
+        WaitStatus::Exited(_, code) => code,
+        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+        _ => 1,
+    }
+}
+
+/// Whether the process that holds the write end of `alive` is gone (its end closed).
+fn parent_gone(alive: &OwnedFd) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: alive.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: poll on one valid descriptor, without waiting.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+    n != 0 && fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// Start the container's processes in a new pid namespace: its init, a fork of this
+/// process, and COMMAND, init's child. Returns init's pid once COMMAND was exec'd.
+///
+/// Why an init: when `sifuse run` dies, init gets SIGKILL (parent-death signal), and when
+/// a pid namespace's init dies the kernel kills every process in it, so nothing COMMAND
+/// started outlives the launcher and keeps the container's mount alive. COMMAND itself is
+/// not that init, because an init ignores signals it has no handler for, even SIGKILL
+/// from inside its namespace. Init exits with COMMAND's status (128+N when signal N
+/// killed it), which is what `sifuse run` returns.
+fn spawn_container(command: &[OsString]) -> Result<nix::unistd::Pid, LauncherError> {
+    let argv: Vec<CString> = command
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| LauncherError::setup("COMMAND", io::Error::other(e)))?;
+    let Some(program) = argv.first().cloned() else {
+        return Err(LauncherError::setup(
+            "COMMAND",
+            io::Error::other("no command given"),
+        ));
+    };
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| LauncherError::setup("pipe", e))
+    };
+    // COMMAND writes errno here when exec fails; end of file means it was exec'd.
+    let (exec_read, exec_write) = pipe()?;
+    // This process keeps the write end for life: init sees it close when this one dies.
+    let (alive_read, alive_write) = pipe()?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWPID)
+        .map_err(|e| LauncherError::setup("cannot unshare a pid namespace", e))?;
+    // SAFETY: `sifuse run` has a single thread (it unshared namespaces, which the kernel
+    // allows only then), so the child may run ordinary code.
+    match unsafe { fork() }.map_err(|e| LauncherError::setup("fork", e))? {
+        ForkResult::Child => {
+            drop(exec_read);
+            drop(alive_write);
+            // SAFETY: prctl with integer arguments.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            // The launcher may have died before the prctl took effect.
+            if parent_gone(&alive_read) {
+                // SAFETY: _exit ends the process at once.
+                unsafe { libc::_exit(1) };
+            }
+            init(&program, &argv, exec_write)
+        }
+        ForkResult::Parent { child } => {
+            drop(exec_write);
+            drop(alive_read);
+            // Deliberately kept open until this process exits (see above).
+            std::mem::forget(alive_write);
+            let mut errno = [0u8; 4];
+            let mut r = File::from(exec_read);
+            match r.read_exact(&mut errno) {
+                Err(_) => Ok(child),
+                Ok(()) => {
+                    let _ = waitpid(child, None);
+                    let e = io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
+                    Err(LauncherError::Exec {
+                        command: program.to_string_lossy().into_owned(),
+                        source: e,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// The container's init: start COMMAND, reap whatever ends, exit with COMMAND's status.
+fn init(program: &CString, argv: &[CString], exec_write: OwnedFd) -> ! {
+    // SAFETY: as in spawn_container, one thread.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            // Rust ignores SIGPIPE; COMMAND expects the default.
+            // SAFETY: restoring a default disposition.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            let err = nix::unistd::execvp(program, argv).unwrap_err();
+            let _ = File::from(exec_write).write_all(&(err as i32).to_ne_bytes());
+            let code = if err == nix::errno::Errno::ENOENT {
+                127
+            } else {
+                126
+            };
+            // SAFETY: _exit ends the process at once.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(exec_write);
+            loop {
+                match waitpid(None, None) {
+                    Ok(status) if status.pid() == Some(child) => {
+                        // Leaving kills everything else in the namespace.
+                        // SAFETY: _exit ends the process at once.
+                        unsafe { libc::_exit(exit_code(status)) }
+                    }
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    // SAFETY: as above.
+                    Err(_) => unsafe { libc::_exit(1) },
+                }
+            }
+        }
+        Err(e) => {
+            let _ = File::from(exec_write).write_all(&(e as i32).to_ne_bytes());
+            // SAFETY: as above.
+            unsafe { libc::_exit(126) }
+        }
+    }
+}
+
+/// Run COMMAND in IMAGE; returns COMMAND's exit status.
+pub fn run(req: &RunRequest) -> Result<i32, LauncherError> {
+    let userns = req.userns || !nix::unistd::geteuid().is_root();
+    let mut binds = req.binds.clone();
+    for b in &mut binds {
+        b.source = b
+            .source
+            .canonicalize()
+            .map_err(|e| LauncherError::setup(format!("--bind {}", b.source.display()), e))?;
+    }
+    let mut server = Server::start(req)?;
+    let root = server.ready()?;
+    let started = unshare(userns)
+        .and_then(|()| enter_root(&root, &binds))
+        .and_then(|()| spawn_container(&req.command));
+    let child = match started {
+        Ok(child) => child,
+        Err(e) => {
+            server.clean_up();
+            return Err(e);
+        }
+    };
+    match server
+        .send("started")
+        .ok()
+        .and_then(|()| server.read_line())
+    {
+        Some(line) if line == "detached" => {}
+        Some(line) => eprintln!("sifuse: the server did not detach the host copy: {line}"),
+        None => eprintln!("sifuse: the server did not answer started"),
+    }
+    let status = loop {
+        match waitpid(child, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Ok(s) => break s,
+            Err(e) => return Err(LauncherError::setup("waitpid", e)),
+        }
+    };
+    // The server serves the container's copy until this process, the last holder, is
+    // gone; it is not waited for.
+    drop(server);
+    Ok(exit_code(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_parse() {
+        assert_eq!(
+            "/a".parse::<Bind>().unwrap(),
+            Bind {
+                source: "/a".into(),
+                dest: "/a".into()
+            }
+        );
+        assert_eq!(
+            "data:/mnt/d".parse::<Bind>().unwrap(),
+            Bind {
+                source: "data".into(),
+                dest: "/mnt/d".into()
+            }
+        );
+        assert!("a:b".parse::<Bind>().unwrap_err().contains("absolute"));
+        assert!(":/x".parse::<Bind>().is_err());
+    }
+
+    #[test]
+    fn the_plan_binds_the_root_first_and_skips_what_the_image_lacks() {
+        let root = Path::new("/t/r");
+        let binds = ["/data:/opt".parse::<Bind>().unwrap()];
+        let steps = plan(root, &binds, &|p| p != Path::new("/t/r/sys"), &|p| {
+            p == Path::new("/t/r/opt")
+        })
+        .unwrap();
+        let bind = |s: &str, t: &str| Step::Bind {
+            source: s.into(),
+            target: t.into(),
+        };
+        assert_eq!(
+            steps,
+            [
+                bind("/t/r", "/t/r"),
+                Step::ReadOnly("/t/r".into()),
+                bind("/proc", "/t/r/proc"),
+                bind("/dev", "/t/r/dev"),
+                Step::Tmpfs("/t/r/tmp".into()),
+                bind("/data", "/t/r/opt"),
+            ]
+        );
+        let all = plan(root, &[], &|_| true, &|_| true).unwrap();
+        assert!(all.contains(&Step::ReadOnly("/t/r/sys".into())));
+        let err = plan(root, &binds, &|_| true, &|_| false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--bind /data:/opt"), "{err}");
+    }
+
+    #[test]
+    fn read_only_remounts_keep_locked_flags() {
+        let f = readonly_remount_flags(FsFlags::ST_NOSUID | FsFlags::ST_NODEV | FsFlags::ST_NOEXEC);
+        assert_eq!(
+            f,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_BIND
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC
+        );
+        let f = readonly_remount_flags(FsFlags::ST_RELATIME);
+        assert!(f.contains(MsFlags::MS_RELATIME) && !f.contains(MsFlags::MS_NOSUID));
+    }
+
+    #[test]
+    fn exit_codes_follow_the_shell() {
+        let pid = nix::unistd::Pid::from_raw(1);
+        assert_eq!(exit_code(WaitStatus::Exited(pid, 7)), 7);
+        assert_eq!(
+            exit_code(WaitStatus::Signaled(
+                pid,
+                nix::sys::signal::Signal::SIGKILL,
+                false
+            )),
+            137
+        );
+    }
+}

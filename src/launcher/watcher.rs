@@ -1,0 +1,201 @@
+//! The cleanup watcher: a small process forked before the mount exists, holding the read
+//! end of a pipe whose write end only the server has. If the server dies — even by
+//! SIGKILL — before the host copy is detached, the pipe reaches end of file and the
+//! watcher lazily unmounts the host copy and removes the directories. The server disarms
+//! it (one byte, `d`) once the host copy is detached or cleaned up, and it exits.
+//!
+//! It is forked while the server has a single thread, before the mount exists, so it holds
+//! neither the FUSE descriptor (which would keep the connection alive) nor the control
+//! stream (the launcher must see end of file when the server dies).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::fcntl::OFlag;
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, ForkResult, Pid};
+
+use super::host::{HostCopy, HostSyscalls};
+
+/// The byte that disarms the watcher.
+const DISARM: u8 = b'd';
+
+/// What the watcher did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// The server disarmed it: nothing to do.
+    Disarmed,
+    /// The server went away armed: the host copy was cleaned up.
+    CleanedUp,
+    /// The server went away armed, and cleaning up failed with this message.
+    Failed(String),
+}
+
+/// The watcher's work: wait for the server's word or its end, then act on it.
+pub fn watch(pipe: &mut impl Read, host: &mut HostCopy, sys: &dyn HostSyscalls) -> Watched {
+    let mut byte = [0u8; 1];
+    let heard = loop {
+        match pipe.read(&mut byte) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Ok(1) => break byte[0] == DISARM,
+            // End of file or a broken pipe: the server is gone.
+            _ => break false,
+        }
+    };
+    if heard {
+        return Watched::Disarmed;
+    }
+    match host.clean_up(sys, true) {
+        Ok(()) => Watched::CleanedUp,
+        Err(e) => Watched::Failed(e.to_string()),
+    }
+}
+
+/// The server's handle on its watcher. Dropping it without [`Watcher::disarm`] is the same
+/// as the server dying: the watcher cleans up.
+#[derive(Debug)]
+pub struct Watcher {
+    pipe: File,
+    pid: Pid,
+}
+
+impl Watcher {
+    /// Tell the watcher the host copy needs it no more, and reap it.
+    pub fn disarm(mut self) {
+        if let Err(e) = self.pipe.write_all(&[DISARM]) {
+            tracing::warn!("cannot disarm the cleanup watcher: {e}");
+        }
+        drop(self.pipe);
+        let _ = waitpid(self.pid, None);
+    }
+}
+
+/// Whether this process has exactly one thread (forking is safe).
+fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() == 1)
+}
+
+/// Fork the watcher for `host`. Must be called while the process has one thread.
+pub fn spawn(host: &HostCopy, sys: &dyn HostSyscalls) -> io::Result<Watcher> {
+    if !single_threaded() {
+        return Err(io::Error::other(
+            "the cleanup watcher must be forked while the process has one thread",
+        ));
+    }
+    let (read, write): (OwnedFd, OwnedFd) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    // SAFETY: the process has one thread (checked above), so the child's memory is
+    // consistent and it may allocate.
+    match unsafe { fork() }? {
+        ForkResult::Parent { child } => {
+            drop(read);
+            Ok(Watcher {
+                pipe: File::from(write),
+                pid: child,
+            })
+        }
+        ForkResult::Child => {
+            drop(write);
+            let code = run_watcher(read, host, sys);
+            // Skip the parent's exit handlers and buffered output: they are not ours.
+            // SAFETY: _exit ends the process at once.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
+/// The child: let go of everything but the pipe and stderr, then watch.
+fn run_watcher(read: OwnedFd, host: &HostCopy, sys: &dyn HostSyscalls) -> i32 {
+    // Out of the server's session and process group, so that signals aimed at those
+    // (a terminal's ^C, a group kill) leave the watcher to do its job.
+    let _ = nix::unistd::setsid();
+    let _ = std::env::set_current_dir("/");
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+    }
+    // Every other descriptor goes: the control stream above all, whose end of file tells
+    // the launcher the server is gone.
+    let keep = read.as_raw_fd();
+    close_all_but(keep);
+    let mut pipe = File::from(read);
+    let mut host = host.clone();
+    match watch(&mut pipe, &mut host, sys) {
+        Watched::Disarmed | Watched::CleanedUp => 0,
+        Watched::Failed(msg) => {
+            eprintln!("sifuse: cleanup watcher: {msg}");
+            1
+        }
+    }
+}
+
+/// Close every descriptor from 3 up except `keep`.
+fn close_all_but(keep: i32) {
+    let close_range = |first: u32, last: u32| {
+        if first <= last {
+            // SAFETY: close_range only closes descriptors; none of those is used after.
+            unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+        }
+    };
+    let keep = keep as u32;
+    close_range(3, keep.saturating_sub(1));
+    close_range(keep.saturating_add(1), u32::MAX);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launcher::host::tests::{created, FakeHost};
+    use crate::launcher::host::Stage;
+
+    #[test]
+    fn disarmed_does_nothing() {
+        let sys = FakeHost::default();
+        let mut host = created(&sys);
+        assert_eq!(watch(&mut &b"d"[..], &mut host, &sys), Watched::Disarmed);
+        assert_eq!(sys.calls().len(), 2, "only the creation: {:?}", sys.calls());
+    }
+
+    #[test]
+    fn the_server_gone_armed_means_cleanup() {
+        for input in [&b""[..], b"x"] {
+            let sys = FakeHost::default();
+            let mut host = created(&sys);
+            assert_eq!(watch(&mut &*input, &mut host, &sys), Watched::CleanedUp);
+            assert_eq!(
+                sys.calls()[2..],
+                [
+                    "umount -l /t/sifuse-abc123/root",
+                    "rmdir /t/sifuse-abc123/root",
+                    "rmdir /t/sifuse-abc123"
+                ]
+            );
+            assert_eq!(host.stage(), Stage::CleanedUp);
+        }
+    }
+
+    #[test]
+    fn a_failed_cleanup_is_reported() {
+        let sys = FakeHost {
+            rmdir_errno: Some(libc::EBUSY),
+            ..Default::default()
+        };
+        let mut host = created(&sys);
+        let Watched::Failed(msg) = watch(&mut &b""[..], &mut host, &sys) else {
+            panic!("should fail");
+        };
+        assert!(msg.contains("cannot remove"), "{msg}");
+    }
+
+    #[test]
+    fn a_real_pipe_end_of_file_is_seen() {
+        let (read, write): (OwnedFd, OwnedFd) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        drop(write);
+        let sys = FakeHost::default();
+        let mut host = created(&sys);
+        assert_eq!(
+            watch(&mut File::from(read), &mut host, &sys),
+            Watched::CleanedUp
+        );
+    }
+}

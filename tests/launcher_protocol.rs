@@ -1,0 +1,309 @@
+//! `sifuse mount --control-fd`, spoken to as a launcher would: `ready` with a live mount
+//! point; after `started` a container in its own mount namespace keeps reading while the
+//! host copy and the directory are gone, and the server exits after it; end of file before
+//! `started`; `cleanup`; SIGKILL of the server before `started` (the watcher cleans up);
+//! failures; a given mount point. As root and as an unprivileged user (fusermount3).
+//! Every test ends by checking that nothing is left behind.
+
+mod common;
+mod launcher_util;
+mod mount_util;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Stdio;
+
+use launcher_util::{command, mount_line, Launcher, Scratch, HOSTNAME, NOBODY};
+use mount_util::{can_mount, wait_for};
+
+fn owner(as_nobody: bool) -> u32 {
+    if as_nobody {
+        NOBODY
+    } else {
+        0
+    }
+}
+
+/// `ready PATH`: PATH is `$TMPDIR/sifuse-XXXXXX/root`, the directory is private to its
+/// owner, and the mount there is live and serves the image.
+fn assert_ready(s: &Scratch, path: &Path, as_nobody: bool) {
+    let dir = path.parent().unwrap();
+    assert_eq!(dir.parent().unwrap(), s.tmp, "{}", path.display());
+    assert!(dir
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("sifuse-"));
+    assert_eq!(path.file_name().unwrap(), "root");
+    let meta = fs::metadata(dir).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
+    assert_eq!(meta.uid(), owner(as_nobody));
+    let line = mount_line(path).expect("ready, but nothing is mounted there");
+    assert!(line.contains(" - fuse.sifuse "), "{line}");
+    assert!(
+        line.contains(&format!("user_id={}", owner(as_nobody))),
+        "{line}"
+    );
+    // As nobody only nobody may use the mount (no allow_other): read it as nobody.
+    let out = command(as_nobody, "cat")
+        .arg(path.join("etc/hostname"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), HOSTNAME, "{out:?}");
+}
+
+/// A container: a shell in a new mount namespace (and a user namespace, unprivileged)
+/// holding its copy of the mount by its working directory, which reads the image each
+/// time it gets a line on stdin and exits at end of file.
+fn container(path: &Path, as_nobody: bool) -> std::process::Child {
+    let mut cmd = command(as_nobody, "unshare");
+    if as_nobody {
+        cmd.arg("--user");
+    }
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            r#"cd "$0" || exit 9
+echo in
+while read -r line; do cat etc/hostname || exit 8; done"#,
+        )
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn started_detaches_and_the_container_keeps_reading(as_nobody: bool) {
+    let s = Scratch::new("proto-started", owner(as_nobody));
+    let mut l = Launcher::start(&s, as_nobody, &[]);
+    let path = l.ready();
+    assert_ready(&s, &path, as_nobody);
+
+    let mut c = container(&path, as_nobody);
+    let mut c_in = c.stdin.take().unwrap();
+    let mut c_out = BufReader::new(c.stdout.take().unwrap());
+    let mut line = String::new();
+    c_out.read_line(&mut line).unwrap();
+    assert_eq!(line, "in\n", "the container did not enter the mount");
+
+    l.send("started");
+    assert_eq!(l.read().as_deref(), Some("detached"));
+    // The host copy and the directory are gone at once; the server is still there.
+    assert!(mount_line(&path).is_none(), "host copy still mounted");
+    assert!(!path.parent().unwrap().exists(), "directory not removed");
+    assert_eq!(fs::read_dir(&s.tmp).unwrap().count(), 0);
+    // End of file after started changes nothing.
+    l.close();
+
+    for _ in 0..3 {
+        c_in.write_all(b"go\n").unwrap();
+        let mut got = String::new();
+        c_out.read_line(&mut got).unwrap();
+        assert_eq!(got, HOSTNAME, "the container lost its copy");
+        assert!(
+            l.server.try_wait().unwrap().is_none(),
+            "the server exited early"
+        );
+    }
+    // The container goes: the kernel ends the connection, and the server exits 0.
+    drop(c_in);
+    assert!(c.wait().unwrap().success());
+    assert_eq!(l.exit_code(), 0);
+    s.assert_nothing_left();
+}
+
+#[test]
+fn started_as_root() {
+    if !can_mount() {
+        return;
+    }
+    started_detaches_and_the_container_keeps_reading(false);
+}
+
+#[test]
+fn started_unprivileged() {
+    if !can_mount() {
+        return;
+    }
+    started_detaches_and_the_container_keeps_reading(true);
+}
+
+fn end_of_file_before_started_cleans_up(as_nobody: bool) {
+    let s = Scratch::new("proto-eof", owner(as_nobody));
+    let mut l = Launcher::start(&s, as_nobody, &[]);
+    let path = l.ready();
+    assert_ready(&s, &path, as_nobody);
+    l.close();
+    assert_eq!(l.exit_code(), 0);
+    s.assert_nothing_left();
+}
+
+#[test]
+fn end_of_file_before_started_as_root() {
+    if !can_mount() {
+        return;
+    }
+    end_of_file_before_started_cleans_up(false);
+}
+
+#[test]
+fn end_of_file_before_started_unprivileged() {
+    if !can_mount() {
+        return;
+    }
+    end_of_file_before_started_cleans_up(true);
+}
+
+fn cleanup_answers_done(as_nobody: bool) {
+    let s = Scratch::new("proto-cleanup", owner(as_nobody));
+    let mut l = Launcher::start(&s, as_nobody, &[]);
+    let path = l.ready();
+    assert_ready(&s, &path, as_nobody);
+    l.send("bogus");
+    let err = l.read().unwrap();
+    assert!(err.starts_with("error unknown message"), "{err}");
+    l.send("cleanup");
+    assert_eq!(l.read().as_deref(), Some("done"));
+    assert_eq!(l.read(), None, "nothing after done");
+    assert_eq!(l.exit_code(), 0);
+    s.assert_nothing_left();
+}
+
+#[test]
+fn cleanup_as_root() {
+    if !can_mount() {
+        return;
+    }
+    cleanup_answers_done(false);
+}
+
+#[test]
+fn cleanup_unprivileged() {
+    if !can_mount() {
+        return;
+    }
+    cleanup_answers_done(true);
+}
+
+fn sigkill_before_started_the_watcher_cleans_up(as_nobody: bool) {
+    let s = Scratch::new("proto-kill", owner(as_nobody));
+    let mut l = Launcher::start(&s, as_nobody, &[]);
+    let path = l.ready();
+    assert_ready(&s, &path, as_nobody);
+    l.server.kill().unwrap();
+    l.server.wait().unwrap();
+    // The watcher holds no copy of the control stream: the launcher sees end of file.
+    assert_eq!(l.read(), None);
+    s.assert_nothing_left();
+}
+
+#[test]
+fn sigkill_before_started_as_root() {
+    if !can_mount() {
+        return;
+    }
+    sigkill_before_started_the_watcher_cleans_up(false);
+}
+
+#[test]
+fn sigkill_before_started_unprivileged() {
+    if !can_mount() {
+        return;
+    }
+    sigkill_before_started_the_watcher_cleans_up(true);
+}
+
+#[test]
+fn failures_answer_error_and_leave_nothing() {
+    if !can_mount() {
+        return;
+    }
+    let s = Scratch::new("proto-fail", 0);
+    // Not an image: mounting fails after the directory was made.
+    fs::write(&s.image, vec![0u8; 8192]).unwrap();
+    let mut l = Launcher::start(&s, false, &[]);
+    let line = l.read().unwrap();
+    assert!(
+        line.starts_with("error ") && line.contains("not a SIF or SquashFS image"),
+        "{line}"
+    );
+    assert_eq!(l.read(), None);
+    assert_ne!(l.exit_code(), 0);
+    s.assert_nothing_left();
+    // An unusable $TMPDIR.
+    let s2 = Scratch::new("proto-fail2", 0);
+    fs::remove_dir(&s2.tmp).unwrap();
+    let mut l = Launcher::start(&s2, false, &[]);
+    let line = l.read().unwrap();
+    assert!(
+        line.starts_with("error cannot create a private directory"),
+        "{line}"
+    );
+    assert_ne!(l.exit_code(), 0);
+    fs::create_dir(&s2.tmp).unwrap();
+    s2.assert_nothing_left();
+}
+
+#[test]
+fn a_given_mount_point_is_unmounted_but_kept() {
+    if !can_mount() {
+        return;
+    }
+    let s = Scratch::new("proto-given", 0);
+    let mnt = s.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    // The notify pipe works in launcher mode too.
+    let fifo = s.path().join("notify");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let (tx, notified) = std::sync::mpsc::channel();
+    {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || tx.send(fs::read(fifo).unwrap()));
+    }
+    let notify = format!("notify_pipe={}", fifo.display());
+    let mut l = Launcher::start(&s, false, &[&mnt, Path::new("-o"), Path::new(&notify)]);
+    assert_eq!(l.ready(), mnt);
+    assert_eq!(
+        notified
+            .recv_timeout(launcher_util::LIMIT)
+            .expect("no word on the notify pipe"),
+        b"s"
+    );
+    assert!(mount_line(&mnt).is_some());
+    l.send("started");
+    assert_eq!(l.read().as_deref(), Some("detached"));
+    assert!(mnt.is_dir(), "the launcher's directory must stay");
+    assert!(wait_for(launcher_util::LIMIT, || mount_line(&mnt).is_none()));
+    // Nobody else held the mount: the connection ends with the host copy.
+    assert_eq!(l.exit_code(), 0);
+    s.assert_nothing_left();
+}
+
+#[test]
+fn sigterm_before_started_unmounts_reports_and_cleans_up() {
+    if !can_mount() {
+        return;
+    }
+    let s = Scratch::new("proto-term", 0);
+    let mut l = Launcher::start(&s, false, &[]);
+    let path = l.ready();
+    assert_ready(&s, &path, false);
+    // SAFETY: plain kill(2) of the server this test started.
+    assert_eq!(
+        unsafe { libc::kill(l.server.id() as i32, libc::SIGTERM) },
+        0
+    );
+    // SIGTERM unmounts (as in every mode); the mount ending before `started` is an error
+    // the launcher hears about.
+    assert_eq!(
+        l.read().as_deref(),
+        Some("error the mount went away before the container started")
+    );
+    assert_eq!(l.read(), None);
+    assert_eq!(l.exit_code(), 1);
+    s.assert_nothing_left();
+}
