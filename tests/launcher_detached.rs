@@ -7,7 +7,11 @@
 //! - `sifuse run`, polled every 10 ms over a 2 s command: the host's mountinfo never shows
 //!   the image and nothing is made under $TMPDIR.
 //! - SIGKILL of the server at moments during `sifuse run` leaves nothing behind (SIGKILL of
-//!   `sifuse run` itself: tests/launcher_run.rs, which now runs detached by default).
+//!   `sifuse run` itself: tests/launcher_run.rs, which now runs detached by default), nor
+//!   does SIGKILL of the server after `ready-fd`, nor a launcher gone before taking the
+//!   mount.
+//! - Unprivileged `sifuse run` finds no fusermount3 and needs none; a `--bind` source the
+//!   attached image hides is still reached; failures answer `error`.
 //!
 //! As root and as an unprivileged user. The unprivileged launcher needs CAP_SYS_ADMIN in a
 //! user namespace owning its mount namespace: the test binary runs itself under
@@ -375,11 +379,29 @@ fn run_never_touches_the_host(as_nobody: bool) {
     let s = Scratch::new("detached-run", owner(as_nobody));
     let image = s.image.to_str().unwrap().to_string();
     let tmp = s.tmp.to_str().unwrap().to_string();
-    let mut child = command(as_nobody, SIFUSE)
+    // No fusermount3 (nor any other helper) can be found: none is needed. The setpriv
+    // that makes the unprivileged user is looked up first, by this process's PATH.
+    let mut run = command(as_nobody, SIFUSE);
+    if as_nobody {
+        let setpriv = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|d| d.join("setpriv"))
+            .find(|p| p.exists())
+            .expect("setpriv");
+        let args: Vec<_> = run.get_args().map(|a| a.to_os_string()).collect();
+        run = Command::new(setpriv);
+        run.args(args);
+    }
+    let mut child = run
         .args(["run", "--debug"])
         .arg(&s.image)
-        .args(["--", "/bin/sh", "-c", "cat /proc/self/mountinfo; sleep 2"])
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "/bin/cat /proc/self/mountinfo; /bin/sleep 2",
+        ])
         .env("TMPDIR", &s.tmp)
+        .env("PATH", "/nonexistent")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -419,6 +441,19 @@ fn run_never_touches_the_host(as_nobody: bool) {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("detached mount"), "{stderr}");
+    s.assert_nothing_left();
+    // --debug names the fallback as well, when it is taken.
+    let out = command(as_nobody, SIFUSE)
+        .args(["run", "--debug", "--no-detached"])
+        .arg(&s.image)
+        .args(["--", "/bin/true"])
+        .env("TMPDIR", &s.tmp)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("temp-directory protocol"), "{stderr}");
     s.assert_nothing_left();
 }
 
@@ -559,4 +594,50 @@ fn a_bind_beneath_tmpdir_is_still_reached_unprivileged() {
         return;
     }
     a_bind_beneath_tmpdir_is_still_reached(true);
+}
+
+/// A launcher that dies before taking the mount: the descriptor in flight goes with its
+/// socket, the mount with it, and the server exits, at any moment.
+#[test]
+fn a_launcher_gone_before_taking_the_mount_leaves_nothing() {
+    if !can_mount() {
+        return;
+    }
+    let s = Scratch::new("detached-gone", 0);
+    for ms in [0, 1, 5, 20, 100] {
+        let (mut server, control) = start_server(&s.image, "--detached");
+        std::thread::sleep(Duration::from_millis(ms));
+        drop(control);
+        let ended = wait_for(LIMIT, || server.try_wait().unwrap().is_some());
+        if !ended {
+            let _ = server.kill();
+        }
+        let _ = server.wait();
+        assert!(ended, "the server outlived a launcher gone after {ms} ms");
+        s.assert_nothing_left();
+    }
+}
+
+/// SIGKILL of the server after the hand-off: the launcher's mount is dead (reads fail),
+/// and once it lets go nothing is left.
+#[test]
+fn sigkill_of_the_server_after_ready_fd_leaves_nothing() {
+    if !can_mount() {
+        return;
+    }
+    let s = Scratch::new("detached-srvkill", 0);
+    let (mut server, control) = start_server(&s.image, "--detached");
+    let got = recv_line(control.as_fd()).unwrap().unwrap();
+    assert_eq!((got.line.as_str(), got.fds.len()), ("ready-fd", 1));
+    let mount = got.fds.into_iter().next().unwrap();
+    let hostname = format!("/proc/self/fd/{}/etc/hostname", mount.as_raw_fd());
+    assert_eq!(fs::read_to_string(&hostname).unwrap(), HOSTNAME);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let err = fs::read_to_string(&hostname).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    // The launcher sees end of file, and nothing more.
+    assert!(recv_line(control.as_fd()).unwrap().is_none());
+    drop(mount);
+    s.assert_nothing_left();
 }
