@@ -88,6 +88,54 @@ pub fn create_mount(fuse: &OwnedFd, spec: &DetachedSpec) -> Result<OwnedFd, Laun
     detached::create(fuse.as_fd(), spec).map_err(detached_error)
 }
 
+/// The kernel calls of `--detached` before serving, behind a narrow trait so that what
+/// the launcher hears when they fail is unit-tested without privileges.
+pub trait DetachedSyscalls {
+    /// Open /dev/fuse for reading and writing, close-on-exec.
+    fn open_fuse(&self) -> io::Result<OwnedFd>;
+    /// fsopen, fsconfig, FSCONFIG_CMD_CREATE, fsmount.
+    fn create(&self, fuse: &OwnedFd, spec: &DetachedSpec) -> Result<OwnedFd, DetachedError>;
+    /// The user and group the mount belongs to.
+    fn owner(&self) -> (u32, u32);
+}
+
+/// The real calls, with /dev/fuse opened and the owner told by the mount layer's calls.
+pub struct LinuxDetached<'a>(pub &'a dyn MountSyscalls);
+
+impl DetachedSyscalls for LinuxDetached<'_> {
+    fn open_fuse(&self) -> io::Result<OwnedFd> {
+        self.0.open_fuse_device()
+    }
+    fn create(&self, fuse: &OwnedFd, spec: &DetachedSpec) -> Result<OwnedFd, DetachedError> {
+        detached::create(fuse.as_fd(), spec)
+    }
+    fn owner(&self) -> (u32, u32) {
+        self.0.user_and_group()
+    }
+}
+
+/// Open /dev/fuse and create the detached mount; on failure tell the launcher
+/// (`error <message>`). Returns the /dev/fuse descriptor and the mount's.
+fn make_mount(
+    control: &mut impl Write,
+    image: &Path,
+    options: &MountOptions,
+    sys: &dyn DetachedSyscalls,
+) -> Result<(OwnedFd, OwnedFd), LauncherError> {
+    let made = sys
+        .open_fuse()
+        .map_err(|e| LauncherError::setup("cannot open /dev/fuse", e))
+        .and_then(|fuse| {
+            let spec = detached_spec(image, options, sys.owner());
+            let mount = sys.create(&fuse, &spec).map_err(detached_error)?;
+            Ok((fuse, mount))
+        });
+    if let Err(e) = &made {
+        let _ = control.write_all(error_line(&e.to_string()).as_bytes());
+    }
+    made
+}
+
 /// `/dev/fd/N` for a FUSE descriptor this process serves: the mount layer's form of an
 /// already mounted /dev/fuse descriptor. The number passes to the mount layer, which takes
 /// ownership of it (and, should it fail before, the process exits anyway).
@@ -124,20 +172,7 @@ pub fn serve_mount_fd(
         let _ = control.write_all(error_line(&e.to_string()).as_bytes());
         Err(e)
     };
-    let fuse = match mount_sys.open_fuse_device() {
-        Ok(f) => f,
-        Err(e) => {
-            return fail(
-                &mut control,
-                LauncherError::setup("cannot open /dev/fuse", e),
-            )
-        }
-    };
-    let spec = detached_spec(image, options, mount_sys.user_and_group());
-    let mount_fd = match create_mount(&fuse, &spec) {
-        Ok(m) => m,
-        Err(e) => return fail(&mut control, e),
-    };
+    let (fuse, mount_fd) = make_mount(&mut control, image, options, &LinuxDetached(&*mount_sys))?;
     let announced = Arc::new(AtomicBool::new(false));
     let live = {
         let announced = announced.clone();
@@ -301,6 +336,92 @@ mod tests {
         let (a, _b) = UnixStream::pair().unwrap();
         let err = got("ready", vec![a.into()]).unwrap_err();
         assert!(err.contains("got \"ready\""), "{err}");
+    }
+
+    /// Answers as configured; records the spec it was asked for.
+    struct FakeDetached {
+        open_errno: Option<i32>,
+        create: fn() -> Result<OwnedFd, DetachedError>,
+        asked: std::sync::Mutex<Option<DetachedSpec>>,
+    }
+
+    impl DetachedSyscalls for FakeDetached {
+        fn open_fuse(&self) -> io::Result<OwnedFd> {
+            match self.open_errno {
+                Some(e) => Err(io::Error::from_raw_os_error(e)),
+                None => Ok(File::open("/dev/null")?.into()),
+            }
+        }
+        fn create(&self, _: &OwnedFd, spec: &DetachedSpec) -> Result<OwnedFd, DetachedError> {
+            *self.asked.lock().unwrap() = Some(spec.clone());
+            (self.create)()
+        }
+        fn owner(&self) -> (u32, u32) {
+            (1000, 100)
+        }
+    }
+
+    fn make(sys: &FakeDetached) -> (Result<(OwnedFd, OwnedFd), LauncherError>, String) {
+        let mut out = Vec::new();
+        let made = make_mount(&mut out, Path::new("/i/img"), &MountOptions::default(), sys);
+        (made, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn what_the_launcher_hears_before_serving() {
+        // Made: nothing said yet (ready-fd follows once the session answers), and the
+        // mount was asked for as the options and the owner say.
+        let ok = FakeDetached {
+            open_errno: None,
+            create: || Ok(File::open("/dev/null").unwrap().into()),
+            asked: Default::default(),
+        };
+        let (made, said) = make(&ok);
+        assert!(made.is_ok());
+        assert_eq!(said, "");
+        let spec = ok.asked.lock().unwrap().clone().unwrap();
+        assert_eq!((spec.source.as_str(), spec.owner), ("/i/img", (1000, 100)));
+        // No /dev/fuse.
+        let no_fuse = FakeDetached {
+            open_errno: Some(libc::ENOENT),
+            create: ok.create,
+            asked: Default::default(),
+        };
+        let (made, said) = make(&no_fuse);
+        assert!(made.is_err());
+        assert!(said.starts_with("error cannot open /dev/fuse: "), "{said}");
+        assert!(no_fuse.asked.lock().unwrap().is_none(), "nothing created");
+        // A kernel without the API: the launcher is told, so that it can fall back.
+        let old_kernel = FakeDetached {
+            open_errno: None,
+            create: || {
+                Err(DetachedError::Unsupported {
+                    call: "fsopen(\"fuse\")",
+                    source: io::Error::from_raw_os_error(libc::ENOSYS),
+                })
+            },
+            asked: Default::default(),
+        };
+        let (made, said) = make(&old_kernel);
+        assert!(made.is_err());
+        assert!(
+            said.starts_with("error this kernel lacks the new mount API"),
+            "{said}"
+        );
+        assert_eq!(said.lines().count(), 1, "{said}");
+        // Refused: the error says what is needed.
+        let refused = FakeDetached {
+            create: || {
+                Err(DetachedError::Failed {
+                    call: "fsopen(\"fuse\")",
+                    source: io::Error::from_raw_os_error(libc::EPERM),
+                    log: String::new(),
+                })
+            },
+            ..old_kernel
+        };
+        let (_, said) = make(&refused);
+        assert!(said.contains("CAP_SYS_ADMIN in a user namespace"), "{said}");
     }
 
     #[test]
