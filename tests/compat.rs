@@ -11,7 +11,6 @@ use std::fs;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -21,8 +20,8 @@ use common::fixtures::fixtures;
 use mount_util::hammer::alive;
 use mount_util::{
     assert_no_differences, can_mount, compare_views, force_unmount, is_mounted,
-    mount_fuse_descriptor, mountinfo, partition_offset, pids_mentioning, run_to_exit, scratch,
-    wait_for, wrap_in_sif, KernelMount, SifuseMount, ViewExceptions, SIFUSE,
+    mount_fuse_descriptor, mountinfo, partition_offset, pass_as_fd3, pids_mentioning, run_to_exit,
+    scratch, wait_for, wrap_in_sif, KernelMount, SifuseMount, ViewExceptions, SIFUSE,
 };
 
 const NAMES: [&str; 2] = ["squashfuse_ll", "squashfuse"];
@@ -166,23 +165,7 @@ fn singularity_daemon_call_then_the_hosts_lazy_unmount() {
 
 /// Spawn `cmd` with `file` as its descriptor 3, as Apptainer passes the image.
 fn spawn_with_fd3(cmd: &mut Command, file: &fs::File) -> Child {
-    let fd = file.as_raw_fd();
-    // SAFETY: dup2 and fcntl are async-signal-safe. A copy made by dup2 has no
-    // close-on-exec flag; when the file already is descriptor 3, dup2 does nothing and the
-    // flag must be cleared instead.
-    unsafe {
-        cmd.pre_exec(move || {
-            let rc = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, 3)
-            };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    pass_as_fd3(cmd, file.as_raw_fd());
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

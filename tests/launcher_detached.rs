@@ -65,15 +65,7 @@ fn start_server(image: &Path, flag: &str) -> (std::process::Child, UnixStream) {
         .arg(image)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    // SAFETY: dup2 only, between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::mount_util::pass_as_fd3(&mut cmd, fd);
     let child = cmd.spawn().unwrap();
     drop(theirs);
     (child, ours)
@@ -341,15 +333,7 @@ fn detached_failures_answer_error() {
     cmd.args(["mount", "--control-fd", "3", "--detached"])
         .arg(&s.image)
         .stdin(Stdio::null());
-    // SAFETY: dup2 only, between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::mount_util::pass_as_fd3(&mut cmd, fd);
     let mut server = cmd.spawn().unwrap();
     drop(theirs);
     let got = recv_line(ours.as_fd()).unwrap().unwrap();

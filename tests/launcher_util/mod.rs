@@ -10,7 +10,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -171,15 +170,7 @@ impl Launcher {
             .env("TMPDIR", &scratch.tmp)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        // SAFETY: dup2 only, between fork and exec; dup2 leaves the copy inheritable.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(fd, 3) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::mount_util::pass_as_fd3(&mut cmd, fd);
         let server = cmd.spawn().unwrap();
         drop(theirs);
         let output = ours.try_clone().unwrap();

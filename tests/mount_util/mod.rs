@@ -641,3 +641,24 @@ pub fn mount_fuse_descriptor(mnt: &Path, name: &str, min_fd: i32) -> i32 {
     assert_eq!(rc, 0, "mount: {}", std::io::Error::last_os_error());
     fd
 }
+
+/// Have `cmd`'s child find `fd` as its descriptor 3, inheritable, as launchers pass an
+/// image or a control socket. (When `fd` already is 3, dup2 would leave its close-on-exec
+/// flag set, so the flag is cleared instead.)
+pub fn pass_as_fd3(cmd: &mut Command, fd: i32) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: dup2 and fcntl only, both async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
