@@ -3,6 +3,8 @@
 //! identical to the tree it was built from.
 
 mod common;
+#[path = "common/tree_compare_tests.rs"]
+mod tree_compare_tests;
 
 use common::fixtures::{fixtures, target_tmpdir, Fixtures};
 use common::tree_compare::{compare_trees, sparse_allocated_bytes, CompareOptions};
