@@ -11,6 +11,8 @@ pub struct Activity {
     /// Milliseconds after `start` of the latest request.
     last_ms: AtomicU64,
     open: AtomicUsize,
+    /// Requests served so far.
+    requests: AtomicU64,
 }
 
 impl Default for Activity {
@@ -19,6 +21,7 @@ impl Default for Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             open: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
         }
     }
 }
@@ -28,6 +31,12 @@ impl Activity {
     pub fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests served so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     /// A file or directory was opened.

@@ -367,7 +367,17 @@ fn start_serving(
     let signals = signals::block_exit_signals().map_err(MountError::Serve)?;
     let running = session.spawn().map_err(MountError::Serve)?;
     if let Some(path) = attachment.path() {
-        check_answers(path, root_number)?;
+        if let Err(e) = check_answers(path, root_number) {
+            // A client may use the mount and unmount it before this thread gets to look
+            // (a busy machine, a launcher polling mountinfo): requests served and the
+            // mount already gone mean it was live, and serving ends as for any unmount.
+            let was_live = activity.requests() > 0
+                && mountinfo::line_at(path).is_ok_and(|line| line.is_none());
+            if !was_live {
+                return Err(e);
+            }
+            tracing::debug!("the mount was used and unmounted before it was checked");
+        }
     }
     if let Some(n) = notify {
         n.ready().map_err(|source| MountError::NotifyPipe {
