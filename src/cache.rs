@@ -74,6 +74,11 @@ impl BlockCache {
         self.cache.get(key)
     }
 
+    /// Whether `key` is cached, without counting it as a use.
+    pub fn contains(&self, key: &BlockKey) -> bool {
+        self.cache.contains_key(key)
+    }
+
     /// Insert a block loaded elsewhere (read-ahead).
     pub fn insert(&self, key: BlockKey, block: Block) {
         self.cache.insert(key, Arc::new(block));
