@@ -155,23 +155,24 @@ impl Archive {
                 "data block at byte {pos} runs past the end of the image"
             )));
         }
-        let data: Box<[u8]> = if word & STORED != 0 {
+        let data: Vec<u8> = if word & STORED != 0 {
             if disk_len > max {
                 return Err(Error::corrupt(format!(
                     "stored block at byte {pos} is larger than expected"
                 )));
             }
-            let mut raw = vec![0u8; disk_len];
+            let mut raw = crate::cache::block_buffer(disk_len);
+            raw.resize(disk_len, 0);
             self.read_at(&mut raw, pos)?;
-            raw.into_boxed_slice()
+            raw
         } else {
             // The compressed bytes go to a per-thread buffer: no allocation and no
             // zero-filling per block.
-            RAW.with(|raw| -> Result<Box<[u8]>> {
+            RAW.with(|raw| -> Result<Vec<u8>> {
                 let mut raw = raw.borrow_mut();
                 raw.resize(disk_len, 0);
                 self.read_at(&mut raw, pos)?;
-                let mut out = Vec::with_capacity(max);
+                let mut out = crate::cache::block_buffer(max);
                 self.sb
                     .compressor
                     .decompress(&raw, &mut out, max)
@@ -180,7 +181,7 @@ impl Archive {
                         offset: pos,
                         detail,
                     })?;
-                Ok(out.into_boxed_slice())
+                Ok(out)
             })?
         };
         Ok(Block {
