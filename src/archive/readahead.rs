@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use crate::cache::{BlockKey, BlockKind};
@@ -34,17 +34,25 @@ struct Job {
     expected: usize,
 }
 
-/// The worker pool of one archive.
+/// The worker pool of one archive. The workers start at the first read, not at creation:
+/// a mount creates the pool before it forks into a daemon (which keeps only the forking
+/// thread) and before it blocks the exit signals that every serving thread must inherit
+/// blocked; threads spawned by a request thread inherit its signal mask.
 pub struct ReadAhead {
     archive: Arc<Archive>,
+    workers: usize,
+    pool: OnceLock<Pool>,
+}
+
+struct Pool {
     queue: Option<SyncSender<Job>>,
-    workers: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for ReadAhead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadAhead")
-            .field("workers", &self.workers.len())
+            .field("workers", &self.workers)
             .finish_non_exhaustive()
     }
 }
@@ -63,31 +71,39 @@ pub struct Stream {
 impl ReadAhead {
     /// A pool of `workers` threads (0: no read-ahead) loading blocks of `archive`.
     pub fn new(archive: Arc<Archive>, workers: usize) -> Self {
-        if workers == 0 {
-            return ReadAhead {
-                archive,
-                queue: None,
-                workers: Vec::new(),
-            };
-        }
-        let (tx, rx) = sync_channel::<Job>(QUEUE);
-        let rx = Arc::new(Mutex::new(rx));
-        let workers = (0..workers)
-            .filter_map(|i| {
-                let archive = archive.clone();
-                let rx = rx.clone();
-                std::thread::Builder::new()
-                    .name(format!("sifuse-ra{i}"))
-                    .spawn(move || work(&archive, &rx))
-                    .map_err(|e| tracing::warn!("cannot start a read-ahead thread: {e}"))
-                    .ok()
-            })
-            .collect();
         ReadAhead {
             archive,
-            queue: Some(tx),
             workers,
+            pool: OnceLock::new(),
         }
+    }
+
+    /// The job queue, starting the workers on first use.
+    fn queue(&self) -> Option<&SyncSender<Job>> {
+        if self.workers == 0 {
+            return None;
+        }
+        let pool = self.pool.get_or_init(|| {
+            let (tx, rx) = sync_channel::<Job>(QUEUE);
+            let rx = Arc::new(Mutex::new(rx));
+            let threads: Vec<_> = (0..self.workers)
+                .filter_map(|i| {
+                    let archive = self.archive.clone();
+                    let rx = rx.clone();
+                    std::thread::Builder::new()
+                        .name(format!("sifuse-ra{i}"))
+                        .spawn(move || work(&archive, &rx))
+                        .map_err(|e| tracing::warn!("cannot start a read-ahead thread: {e}"))
+                        .ok()
+                })
+                .collect();
+            Pool {
+                // Without a worker, queued jobs would only fill the queue.
+                queue: (!threads.is_empty()).then_some(tx),
+                threads,
+            }
+        });
+        pool.queue.as_ref()
     }
 
     /// The archive the workers read.
@@ -99,7 +115,7 @@ impl ReadAhead {
     /// queue the blocks that follow. Call before serving the read, so the workers run
     /// alongside it.
     pub fn on_read(&self, file: &FileInfo, stream: &Stream, offset: u64, len: u64) {
-        let Some(queue) = &self.queue else { return };
+        let Some(queue) = self.queue() else { return };
         let bs = u64::from(self.archive.sb.block_size);
         let end = offset.saturating_add(len).min(file.file_size);
         let prev = stream.next_offset.swap(end, Ordering::Relaxed);
@@ -158,10 +174,12 @@ impl ReadAhead {
 
 impl Drop for ReadAhead {
     fn drop(&mut self) {
-        // Closing the queue ends the workers once they finish their current block.
-        self.queue.take();
-        for w in self.workers.drain(..) {
-            let _ = w.join();
+        if let Some(mut pool) = self.pool.take() {
+            // Closing the queue ends the workers once they finish their current block.
+            pool.queue.take();
+            for t in pool.threads.drain(..) {
+                let _ = t.join();
+            }
         }
     }
 }
