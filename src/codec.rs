@@ -209,13 +209,14 @@ fn gzip(input: &[u8], out: &mut Vec<u8>, max_out: usize) -> Result<(), String> {
     ZLIB.with(|cell| {
         let mut z = cell.borrow_mut();
         z.reset(true);
-        out.resize(max_out, 0);
+        // Decompress into spare capacity: no zero-filling of a block about to be written.
+        out.reserve_exact(max_out);
         let status = z
-            .decompress(input, out, flate2::FlushDecompress::Finish)
+            .decompress_vec(input, out, flate2::FlushDecompress::Finish)
             .map_err(|e| e.to_string())?;
-        let produced = z.total_out() as usize;
-        out.truncate(produced);
+        let produced = out.len();
         match status {
+            _ if produced > max_out => Err(format!("output exceeds the block size {max_out}")),
             flate2::Status::StreamEnd => Ok(()),
             _ if produced >= max_out => Err(format!("output exceeds the block size {max_out}")),
             _ => Err("truncated zlib stream".into()),

@@ -1,6 +1,7 @@
 //! Regular file data: full blocks (compressed, stored or sparse) and the tail kept in a
 //! fragment block shared with other files.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use crate::cache::{Block, BlockKey, BlockKind};
@@ -9,8 +10,13 @@ use crate::error::{Error, Result};
 use super::inode::FileInfo;
 use super::Archive;
 
+thread_local! {
+    /// Compressed bytes of the block being decompressed on this thread.
+    static RAW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
 /// Bit of a block size word that marks data stored uncompressed.
-const STORED: u32 = 1 << 24;
+pub(crate) const STORED: u32 = 1 << 24;
 
 /// One block of file data: a cached decompressed block (or a slice of a fragment), or
 /// zeros for a sparse block.
@@ -121,7 +127,13 @@ impl Archive {
     }
 
     /// A data or fragment block through the cache. `max` bounds the decompressed size.
-    fn data_block(&self, kind: BlockKind, pos: u64, word: u32, max: usize) -> Result<Arc<Block>> {
+    pub(crate) fn data_block(
+        &self,
+        kind: BlockKind,
+        pos: u64,
+        word: u32,
+        max: usize,
+    ) -> Result<Arc<Block>> {
         let key = BlockKey { kind, offset: pos };
         self.cache
             .get_or_load(key, || self.load_data_block(pos, word, max))
@@ -143,26 +155,34 @@ impl Archive {
                 "data block at byte {pos} runs past the end of the image"
             )));
         }
-        let mut raw = vec![0u8; disk_len];
-        self.read_at(&mut raw, pos)?;
-        let data: Box<[u8]> = if word & STORED != 0 {
+        let data: Vec<u8> = if word & STORED != 0 {
             if disk_len > max {
                 return Err(Error::corrupt(format!(
                     "stored block at byte {pos} is larger than expected"
                 )));
             }
-            raw.into_boxed_slice()
+            let mut raw = crate::cache::block_buffer(disk_len);
+            raw.resize(disk_len, 0);
+            self.read_at(&mut raw, pos)?;
+            raw
         } else {
-            let mut out = Vec::with_capacity(max);
-            self.sb
-                .compressor
-                .decompress(&raw, &mut out, max)
-                .map_err(|detail| Error::Decompress {
-                    compressor: self.sb.compressor.name(),
-                    offset: pos,
-                    detail,
-                })?;
-            out.into_boxed_slice()
+            // The compressed bytes go to a per-thread buffer: no allocation and no
+            // zero-filling per block.
+            RAW.with(|raw| -> Result<Vec<u8>> {
+                let mut raw = raw.borrow_mut();
+                raw.resize(disk_len, 0);
+                self.read_at(&mut raw, pos)?;
+                let mut out = crate::cache::block_buffer(max);
+                self.sb
+                    .compressor
+                    .decompress(&raw, &mut out, max)
+                    .map_err(|detail| Error::Decompress {
+                        compressor: self.sb.compressor.name(),
+                        offset: pos,
+                        detail,
+                    })?;
+                Ok(out)
+            })?
         };
         Ok(Block {
             data,

@@ -48,8 +48,8 @@ impl Archive {
             )));
         }
         let body = &buf[2..2 + size];
-        let data: Box<[u8]> = if stored_uncompressed {
-            body.into()
+        let data: Vec<u8> = if stored_uncompressed {
+            body.to_vec()
         } else {
             let mut out = Vec::with_capacity(METADATA_SIZE);
             self.sb
@@ -65,7 +65,7 @@ impl Archive {
                     "metadata block at byte {pos} is empty"
                 )));
             }
-            out.into_boxed_slice()
+            out
         };
         Ok(Block {
             data,

@@ -6,6 +6,7 @@ pub mod dir;
 pub mod file;
 pub mod inode;
 pub mod metadata;
+pub mod readahead;
 pub mod superblock;
 pub mod table;
 pub mod xattr;

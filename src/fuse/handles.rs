@@ -5,12 +5,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::archive::readahead::Stream;
 use crate::archive::{DirEntry, Inode};
 
-/// An open regular file.
+/// An open regular file, and where its reader is, for read-ahead.
 #[derive(Debug)]
 pub struct OpenFile {
-    pub inode: Inode,
+    pub inode: Arc<Inode>,
+    pub stream: Stream,
 }
 
 /// An open directory: its entries in stored order, and the numbers `.` and `..` report.

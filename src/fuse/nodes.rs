@@ -15,9 +15,9 @@
 //! it. Hard links share their inode reference and number, hence their node.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use crate::archive::InodeRef;
+use crate::archive::{Inode, InodeRef};
 
 /// The kernel's id for the root of a FUSE mount.
 pub const ROOT_NODE: u64 = 1;
@@ -40,11 +40,14 @@ pub enum NodeError {
     RootReentered(u32),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Node {
     iref: InodeRef,
     /// Lookups the kernel has been told about and not yet forgotten.
     lookups: u64,
+    /// The decoded inode, once known: getattr, open and readlink then answer without
+    /// decoding it again.
+    inode: Option<Arc<Inode>>,
 }
 
 /// Node ids handed to the kernel, and their inode references.
@@ -104,7 +107,11 @@ impl NodeTable {
             return Err(NodeError::RootReentered(number));
         }
         let mut shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
-        let node = shard.entry(number).or_insert(Node { iref, lookups: 0 });
+        let node = shard.entry(number).or_insert(Node {
+            iref,
+            lookups: 0,
+            inode: None,
+        });
         if node.iref != iref {
             return Err(NodeError::NumberReused {
                 number,
@@ -141,6 +148,30 @@ impl NodeTable {
         let number = self.number(node)?;
         let shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
         shard.get(&number).map(|n| n.iref)
+    }
+
+    /// Keep the decoded inode of a node the kernel holds (remembered before), so that
+    /// [`inode`](Self::inode) returns it until the kernel forgets the node.
+    pub fn keep_inode(&self, inode: &Arc<Inode>) {
+        let mut shard = self
+            .shard(inode.number)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = shard.get_mut(&inode.number) {
+            if n.iref == inode.iref && n.inode.is_none() {
+                n.inode = Some(inode.clone());
+            }
+        }
+    }
+
+    /// The inode reference behind `node`, and its decoded inode if kept.
+    pub fn lookup_node(&self, node: u64) -> Option<(InodeRef, Option<Arc<Inode>>)> {
+        if node == ROOT_NODE {
+            return Some((self.root_iref, None));
+        }
+        let number = self.number(node)?;
+        let shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
+        shard.get(&number).map(|n| (n.iref, n.inode.clone()))
     }
 
     /// How many nodes (besides the root) the kernel holds.
