@@ -20,6 +20,10 @@ declare -A need=(
   [squashfuse_ll]=squashfuse
   [busybox]=busybox-static
   [setpriv]=util-linux
+  [unshare]=util-linux
+  [mount]=mount
+  [losetup]=mount
+  [python3]=python3
 )
 missing=()
 for cmd in "${!need[@]}"; do
