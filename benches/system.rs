@@ -332,25 +332,23 @@ impl Mount {
         let start = Instant::now();
         let child = match server {
             // Foreground servers, so the harness holds their pid for VmHWM.
-            Server::Sifuse => Some(
-                Command::new(SIFUSE)
-                    .arg("mount")
-                    .arg("-f")
-                    .arg(img)
-                    .arg(dir)
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            ),
-            Server::Squashfuse => Some(
-                Command::new("squashfuse_ll")
-                    .arg("-f")
-                    .arg(img)
-                    .arg(dir)
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            ),
+            Server::Sifuse | Server::Squashfuse => {
+                let mut cmd = if server == Server::Sifuse {
+                    let mut c = Command::new(SIFUSE);
+                    c.arg("mount");
+                    c
+                } else {
+                    Command::new("squashfuse_ll")
+                };
+                Some(
+                    cmd.arg("-f")
+                        .arg(img)
+                        .arg(dir)
+                        .stdout(Stdio::null())
+                        .spawn()
+                        .unwrap(),
+                )
+            }
             Server::Kernel => {
                 run(Command::new("mount")
                     .args(["-t", "squashfs", "-o", "loop,ro"])

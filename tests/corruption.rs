@@ -772,19 +772,7 @@ struct MountedReport {
 /// The server processes whose command line names something under `root`.
 fn servers_under(root: &Path) -> Vec<i32> {
     let root = root.as_os_str().as_encoded_bytes();
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        if cmdline.split(|&b| b == 0).any(|a| a.starts_with(root)) {
-            pids.push(pid);
-        }
-    }
-    pids
+    mount_util::pids_with_arg(|arg| arg.starts_with(root))
 }
 
 /// Mount one damaged image as a daemon, read everything it shows, and check the daemon

@@ -629,17 +629,12 @@ fn run_on_host(req: &RunRequest, userns: bool, binds: &[Bind]) -> Result<i32, La
 
 /// In the new namespaces: create the detached mount, have the server serve it.
 fn create_and_hand_over(req: &RunRequest, server: &mut Server) -> Result<OwnedFd, LauncherError> {
-    let fuse: OwnedFd = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(crate::mount::sys::FUSE_DEVICE)
-        .map_err(|e| LauncherError::setup("cannot open /dev/fuse", e))?
-        .into();
-    let owner = (
-        nix::unistd::getuid().as_raw(),
-        nix::unistd::getgid().as_raw(),
-    );
-    let spec = handoff::detached_spec(&req.image, &req.options, owner);
+    use handoff::DetachedSyscalls;
+    let sys = handoff::LinuxDetached(&crate::mount::sys::LinuxSyscalls);
+    let fuse = sys
+        .open_fuse()
+        .map_err(|e| LauncherError::setup("cannot open /dev/fuse", e))?;
+    let spec = handoff::detached_spec(&req.image, &req.options, sys.owner());
     let mount = handoff::create_mount(&fuse, &spec)?;
     server.serve(&fuse)?;
     Ok(mount)

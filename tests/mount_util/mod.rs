@@ -86,6 +86,11 @@ pub fn force_unmount(path: &Path) {
 /// Processes whose command line mentions `needle`.
 pub fn pids_mentioning(needle: &Path) -> Vec<i32> {
     let needle = needle.as_os_str().as_bytes();
+    pids_with_arg(|arg| arg == needle)
+}
+
+/// Processes with a command-line argument for which `matches` holds.
+pub fn pids_with_arg(matches: impl Fn(&[u8]) -> bool) -> Vec<i32> {
     let mut pids = Vec::new();
     for e in fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
@@ -94,7 +99,7 @@ pub fn pids_mentioning(needle: &Path) -> Vec<i32> {
         let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
             continue;
         };
-        if cmdline.split(|&b| b == 0).any(|arg| arg == needle) {
+        if cmdline.split(|&b| b == 0).any(&matches) {
             pids.push(pid);
         }
     }
