@@ -57,7 +57,21 @@ fn sigkill_leaves_enotconn_and_sifuse_umount_clears_it() {
     assert!(is_mounted(&m.mountpoint));
     // Attributes may come from the kernel's cache; statfs and opening a directory always
     // ask the server.
-    assert_eq!(statfs_errno(&m.mountpoint), Some(libc::ENOTCONN));
+    // A request caught while the kernel aborts the connection answers ECONNABORTED;
+    // once aborted, every request answers ENOTCONN.
+    let mut seen = Vec::new();
+    let settled = wait_for(Duration::from_secs(5), || {
+        let e = statfs_errno(&m.mountpoint);
+        seen.push(e);
+        e == Some(libc::ENOTCONN)
+    });
+    assert!(
+        settled
+            && seen
+                .iter()
+                .all(|e| matches!(e, Some(libc::ENOTCONN | libc::ECONNABORTED))),
+        "statfs of the dead mount answered {seen:?}"
+    );
     let err = fs::read_dir(&m.mountpoint).expect_err("listing a dead FUSE mount");
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
     let out = Command::new(SIFUSE)
