@@ -55,8 +55,8 @@ fn sigkill_leaves_enotconn_and_sifuse_umount_clears_it() {
     );
     // The mount is still there, with nobody behind it.
     assert!(is_mounted(&m.mountpoint));
-    // Attributes may come from the kernel's cache; statfs and opening a directory always
-    // ask the server.
+    // Attributes, and the pages and listings already read, may come from the kernel's
+    // cache; statfs, and listing a directory not listed before, ask the server.
     // A request caught while the kernel aborts the connection answers ECONNABORTED;
     // once aborted, every request answers ENOTCONN.
     let mut seen = Vec::new();

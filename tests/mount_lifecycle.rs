@@ -131,6 +131,65 @@ fn debug_logs_every_request_in_the_foreground() {
     }
 }
 
+/// Requests of one kind in a `-d` log: lines naming `what` (e.g. "OPEN flags").
+fn logged(log: &str, what: &str) -> usize {
+    log.lines().filter(|l| l.contains(what)).count()
+}
+
+/// Read hello.txt and list the root three times each on a `-d` mount with `opts`; returns
+/// the log.
+fn log_of_three_reads_and_listings(opts: &[&str]) -> String {
+    let mut args = vec!["-d"];
+    args.extend_from_slice(opts);
+    let mut m = SifuseMount::foreground(gzip(), &args);
+    assert_serving(&m);
+    for _ in 0..3 {
+        assert_eq!(fs::read(m.path(HELLO)).unwrap(), expected_hello());
+        let names: Vec<_> = fs::read_dir(&m.mountpoint)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(names.iter().any(|n| n == HELLO), "{names:?}");
+    }
+    mount_util::force_unmount(&m.mountpoint);
+    let out = m.child_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn files_and_directories_open_without_a_round_trip() {
+    if !can_mount() {
+        return;
+    }
+    let log = log_of_three_reads_and_listings(&[]);
+    // The first open and opendir are answered ENOSYS, and the kernel asks no more: no
+    // further opens, no releases, and at most the one flush that teaches it the same.
+    assert_eq!(logged(&log, "OPEN flags"), 1, "{log}");
+    assert_eq!(logged(&log, "OPENDIR flags"), 1, "{log}");
+    assert_eq!(logged(&log, "RELEASE fh"), 0, "{log}");
+    assert_eq!(logged(&log, "RELEASEDIR fh"), 0, "{log}");
+    assert!(logged(&log, "FLUSH fh") <= 1, "{log}");
+}
+
+#[test]
+fn an_idle_timeout_has_every_open_asked_and_released() {
+    if !can_mount() {
+        return;
+    }
+    let log = log_of_three_reads_and_listings(&["-o", "timeout=600"]);
+    // The timeout must know what is open, so every open is asked and every close told:
+    // hello.txt was read once more by assert_serving.
+    assert_eq!(logged(&log, "OPEN flags"), 4, "{log}");
+    assert!(logged(&log, "OPENDIR flags") >= 3, "{log}");
+    assert_eq!(logged(&log, "RELEASE fh"), 4, "{log}");
+    assert_eq!(
+        logged(&log, "RELEASEDIR fh"),
+        logged(&log, "OPENDIR flags"),
+        "{log}"
+    );
+}
+
 #[test]
 fn sigterm_unmounts_and_ends_the_daemon() {
     if !can_mount() {

@@ -1,26 +1,19 @@
-//! Open files and directories. A handle keeps what open decoded (a file's block list, a
-//! directory's entries) so that reads and readdirs do not decode it again.
+//! Open files and directories, when the adapter hands out handles (only under an idle
+//! timeout, which must know what is open). A handle keeps what open decoded (a file's
+//! inode and read position, a directory's listing) for the reads and readdirs on it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::archive::readahead::Stream;
-use crate::archive::{DirEntry, Inode};
+use crate::archive::Inode;
 
 /// An open regular file, and where its reader is, for read-ahead.
 #[derive(Debug)]
 pub struct OpenFile {
     pub inode: Arc<Inode>,
-    pub stream: Stream,
-}
-
-/// An open directory: its entries in stored order, and the numbers `.` and `..` report.
-#[derive(Debug)]
-pub struct OpenDir {
-    pub number: u32,
-    pub parent: u32,
-    pub entries: Vec<DirEntry>,
+    pub stream: Arc<Stream>,
 }
 
 /// Handles of one kind, by the id given to the kernel.
@@ -41,9 +34,9 @@ impl<T> Default for HandleTable<T> {
 
 impl<T> HandleTable<T> {
     /// Keep `value`; returns its handle id.
-    pub fn insert(&self, value: T) -> u64 {
+    pub fn insert(&self, value: impl Into<Arc<T>>) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(id, Arc::new(value));
+        self.lock().insert(id, value.into());
         id
     }
 

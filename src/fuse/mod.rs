@@ -8,6 +8,7 @@
 pub mod activity;
 pub mod attr;
 pub mod handles;
+pub mod listings;
 pub mod nodes;
 pub mod owners;
 
@@ -32,7 +33,8 @@ use crate::archive::{Archive, BlockData, DirEntry, FileKind, Inode};
 
 use activity::Activity;
 use attr::{bare_dir_attr, file_attr, file_type};
-use handles::{HandleTable, OpenDir, OpenFile};
+use handles::{HandleTable, OpenFile};
+use listings::{Listing, Listings};
 use nodes::NodeTable;
 use owners::Owners;
 
@@ -49,14 +51,30 @@ const MAX_BACKGROUND: u16 = 64;
 /// Namespaces SquashFS stores; the kernel has no handler for any other prefix.
 const XATTR_PREFIXES: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
 
+/// Whether open and opendir hand out handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opens {
+    /// Answer open and opendir with ENOSYS. The kernel then opens every file and directory
+    /// without asking (FUSE's no_open and no_opendir: keep-cache for files, the kernel's
+    /// readdir cache for directories, and no release either), which saves two of the
+    /// three round trips reading a small file costs and two per directory listed. Reads
+    /// and readdirs find the inode, read position and listing by node.
+    Unasked,
+    /// Hand out handles and count them: the idle timeout must not unmount while anything
+    /// is open, and without open and release it could not know.
+    Counted,
+}
+
 /// A read-only file system over one archive, rooted at one of its directories.
 pub struct ArchiveFs {
     archive: Arc<Archive>,
     readahead: ReadAhead,
     root: Arc<Inode>,
     nodes: NodeTable,
+    opens: Opens,
     files: HandleTable<OpenFile>,
-    dirs: HandleTable<OpenDir>,
+    dirs: HandleTable<Listing>,
+    listings: Listings,
     owners: Owners,
     activity: Arc<Activity>,
 }
@@ -107,11 +125,12 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 
 impl ArchiveFs {
     /// Serve `root` (a directory of `archive`) with owners shown through `owners`,
-    /// reporting requests and open handles to `activity`.
+    /// reporting requests (and, when `opens` counts them, open handles) to `activity`.
     pub fn new(
         archive: Archive,
         root: Inode,
         owners: Owners,
+        opens: Opens,
         activity: Arc<Activity>,
     ) -> crate::Result<Self> {
         if root.kind != FileKind::Directory {
@@ -129,8 +148,10 @@ impl ArchiveFs {
             readahead: ReadAhead::new(archive.clone(), workers),
             archive,
             root: Arc::new(root),
+            opens,
             files: HandleTable::default(),
             dirs: HandleTable::default(),
+            listings: Listings::default(),
             owners,
             activity,
         })
@@ -251,19 +272,24 @@ impl ArchiveFs {
         Ok(Some(found))
     }
 
+    /// The listing of directory `node`, from its handle if it has one.
+    fn listing(&self, op: &str, node: INodeNo, fh: FileHandle) -> Result<Arc<Listing>, Errno> {
+        if let Some(open) = self.dirs.get(fh.0) {
+            return Ok(open);
+        }
+        let inode = self.inode_of(op, node)?;
+        let parent = inode.as_dir().ok_or(Errno::ENOTDIR)?.parent;
+        self.listings
+            .get_or_load(inode.iref, || {
+                let entries = self.archive.read_dir(&inode)?;
+                Ok(Listing::new(inode.number, parent, entries))
+            })
+            .map_err(|e: crate::Error| failed(op, &e))
+    }
+
     fn open_dir(&self, node: INodeNo) -> Result<u64, Errno> {
-        let inode = self.inode_of("opendir", node)?;
-        let info = inode.as_dir().ok_or(Errno::ENOTDIR)?;
-        let entries = self
-            .archive
-            .read_dir(&inode)
-            .map_err(|e| failed("opendir", &e))?;
-        let parent = info.parent;
-        Ok(self.dirs.insert(OpenDir {
-            number: inode.number,
-            parent,
-            entries,
-        }))
+        let listing = self.listing("opendir", node, FileHandle(0))?;
+        Ok(self.dirs.insert(listing))
     }
 
     fn open_file(&self, node: INodeNo, flags: OpenFlags) -> Result<u64, Errno> {
@@ -274,19 +300,35 @@ impl ArchiveFs {
         match inode.kind {
             FileKind::File => Ok(self.files.insert(OpenFile {
                 inode,
-                stream: Stream::default(),
+                stream: Arc::default(),
             })),
             FileKind::Directory => Err(Errno::EISDIR),
             _ => Err(Errno::EINVAL),
         }
     }
 
-    fn read_file(&self, fh: FileHandle, offset: u64, size: u32) -> Result<ReadData, Errno> {
-        let open = self.files.get(fh.0).ok_or(Errno::EBADF)?;
-        let file = open.inode.as_file().ok_or(Errno::EBADF)?;
+    /// The inode of the file being read and its read-ahead state: the handle's, or, for a
+    /// file opened without one, the node's.
+    fn file_of(&self, node: INodeNo, fh: FileHandle) -> Result<(Arc<Inode>, Arc<Stream>), Errno> {
+        if let Some(open) = self.files.get(fh.0) {
+            return Ok((open.inode.clone(), open.stream.clone()));
+        }
+        let inode = self.inode_of("read", node)?;
+        let stream = self.nodes.stream(node.0).unwrap_or_default();
+        Ok((inode, stream))
+    }
+
+    fn read_file(
+        &self,
+        node: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadData, Errno> {
+        let (inode, stream) = self.file_of(node, fh)?;
+        let file = inode.as_file().ok_or(Errno::EBADF)?;
         let want = (size as u64).min(file.file_size.saturating_sub(offset)) as usize;
-        self.readahead
-            .on_read(file, &open.stream, offset, want as u64);
+        self.readahead.on_read(file, &stream, offset, want as u64);
         // The kernel reads whole aligned blocks, and small files are one fragment: answer
         // those straight from the cached block, without assembling a copy.
         let bs = u64::from(self.archive.superblock().block_size);
@@ -309,9 +351,9 @@ impl ArchiveFs {
         Ok(ReadData::Owned(buf))
     }
 
-    /// Entry `index` of an open directory as readdir numbers them: `.`, `..`, then the
-    /// stored entries. Returns (inode number, type, name).
-    fn dir_slot(dir: &OpenDir, index: u64) -> Option<(u32, FileKind, &[u8])> {
+    /// Entry `index` of a directory as readdir numbers them: `.`, `..`, then the stored
+    /// entries. Returns (inode number, type, name).
+    fn dir_slot(dir: &Listing, index: u64) -> Option<(u32, FileKind, &[u8])> {
         match index {
             0 => Some((dir.number, FileKind::Directory, b".")),
             1 => Some((dir.parent, FileKind::Directory, b"..")),
@@ -324,11 +366,12 @@ impl ArchiveFs {
 
     fn fill_dir(
         &self,
+        node: INodeNo,
         fh: FileHandle,
         offset: u64,
         reply: &mut ReplyDirectory,
     ) -> Result<(), Errno> {
-        let dir = self.dirs.get(fh.0).ok_or(Errno::EBADF)?;
+        let dir = self.listing("readdir", node, fh)?;
         let mut index = offset;
         while let Some((number, kind, name)) = Self::dir_slot(&dir, index) {
             if reply.add(
@@ -348,11 +391,12 @@ impl ArchiveFs {
     /// not keep) is a lookup the kernel will count, so it is remembered before the reply.
     fn fill_dir_plus(
         &self,
+        node: INodeNo,
         fh: FileHandle,
         offset: u64,
         reply: &mut ReplyDirectoryPlus,
     ) -> Result<(), Errno> {
-        let dir = self.dirs.get(fh.0).ok_or(Errno::EBADF)?;
+        let dir = self.listing("readdirplus", node, fh)?;
         let mut index = offset;
         while let Some((number, _, name)) = Self::dir_slot(&dir, index) {
             let name = OsStr::from_bytes(name);
@@ -536,6 +580,10 @@ impl Filesystem for ArchiveFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.opens == Opens::Unasked {
+            // The mount is read-only, so the kernel itself refuses opens for writing.
+            return self.serve("open", || reply.error(Errno::ENOSYS));
+        }
         self.serve("open", || match self.open_file(ino, flags) {
             Ok(fh) => {
                 self.activity.opened();
@@ -552,7 +600,7 @@ impl Filesystem for ArchiveFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -560,7 +608,7 @@ impl Filesystem for ArchiveFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.serve("read", || match self.read_file(fh, offset, size) {
+        self.serve("read", || match self.read_file(ino, fh, offset, size) {
             Ok(data) => reply.data(data.bytes()),
             Err(e) => reply.error(e),
         })
@@ -585,6 +633,9 @@ impl Filesystem for ArchiveFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.opens == Opens::Unasked {
+            return self.serve("opendir", || reply.error(Errno::ENOSYS));
+        }
         self.serve("opendir", || match self.open_dir(ino) {
             Ok(fh) => {
                 self.activity.opened();
@@ -600,27 +651,29 @@ impl Filesystem for ArchiveFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.serve("readdir", || match self.fill_dir(fh, offset, &mut reply) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+        self.serve("readdir", || {
+            match self.fill_dir(ino, fh, offset, &mut reply) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
         })
     }
 
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         self.serve("readdirplus", || {
-            match self.fill_dir_plus(fh, offset, &mut reply) {
+            match self.fill_dir_plus(ino, fh, offset, &mut reply) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
             }
@@ -688,7 +741,9 @@ impl Filesystem for ArchiveFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.serve("flush", || reply.ok())
+        // Nothing is ever written. Files opened without asking (Opens::Unasked) lack
+        // FOPEN_NOFLUSH, so the kernel would flush at every close; ENOSYS tells it to stop.
+        self.serve("flush", || reply.error(Errno::ENOSYS))
     }
 
     fn fsync(
@@ -953,16 +1008,16 @@ mod tests {
 
     #[test]
     fn slots_number_dot_dotdot_then_entries() {
-        let dir = OpenDir {
-            number: 10,
-            parent: 20,
-            entries: vec![DirEntry {
+        let dir = Listing::new(
+            10,
+            20,
+            vec![DirEntry {
                 name: b"a".to_vec(),
                 iref: crate::archive::InodeRef(0x30),
                 inode_number: 3,
                 kind: FileKind::File,
             }],
-        };
+        );
         assert_eq!(
             ArchiveFs::dir_slot(&dir, 0),
             Some((10, FileKind::Directory, &b"."[..]))

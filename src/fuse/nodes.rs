@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::archive::readahead::Stream;
 use crate::archive::{Inode, InodeRef};
 
 /// The kernel's id for the root of a FUSE mount.
@@ -48,6 +49,9 @@ struct Node {
     /// The decoded inode, once known: getattr, open and readlink then answer without
     /// decoding it again.
     inode: Option<Arc<Inode>>,
+    /// Where reads of the file are, for read-ahead: files are opened without a handle to
+    /// keep it in (see no-open in the adapter), so it lives as long as the node.
+    stream: Option<Arc<Stream>>,
 }
 
 /// Node ids handed to the kernel, and their inode references.
@@ -111,6 +115,7 @@ impl NodeTable {
             iref,
             lookups: 0,
             inode: None,
+            stream: None,
         });
         if node.iref != iref {
             return Err(NodeError::NumberReused {
@@ -172,6 +177,18 @@ impl NodeTable {
         let number = self.number(node)?;
         let shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
         shard.get(&number).map(|n| (n.iref, n.inode.clone()))
+    }
+
+    /// The read-ahead state of the file behind `node`, made at its first use; `None` if
+    /// the kernel does not hold the node.
+    pub fn stream(&self, node: u64) -> Option<Arc<Stream>> {
+        if node == ROOT_NODE {
+            return None;
+        }
+        let number = self.number(node)?;
+        let mut shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
+        let n = shard.get_mut(&number)?;
+        Some(n.stream.get_or_insert_with(Default::default).clone())
     }
 
     /// How many nodes (besides the root) the kernel holds.
@@ -263,5 +280,19 @@ mod tests {
             t.remember(ROOT, InodeRef(0x1234)),
             Err(NodeError::RootReentered(ROOT))
         );
+    }
+
+    #[test]
+    fn a_node_keeps_one_stream_until_it_is_forgotten() {
+        let t = table();
+        assert!(t.stream(9).is_none());
+        assert!(t.stream(ROOT_NODE).is_none());
+        t.remember(9, InodeRef(0x90)).unwrap();
+        let first = t.stream(9).unwrap();
+        assert!(Arc::ptr_eq(&first, &t.stream(9).unwrap()));
+        t.forget(9, 1);
+        assert!(t.stream(9).is_none());
+        t.remember(9, InodeRef(0x90)).unwrap();
+        assert!(!Arc::ptr_eq(&first, &t.stream(9).unwrap()));
     }
 }

@@ -26,7 +26,7 @@ use fuser::{BackgroundSession, Session, SessionACL};
 
 use crate::archive::{Archive, FileKind, Inode};
 use crate::fuse::activity::Activity;
-use crate::fuse::ArchiveFs;
+use crate::fuse::{ArchiveFs, Opens};
 use crate::image::{self, ImageSpec};
 
 use attach::{Attachment, MountSpec};
@@ -128,7 +128,12 @@ fn prepare(req: &MountRequest, sys: &dyn MountSyscalls) -> Result<Mounted, Mount
     let root = served_root(&img.archive, opts.subdir.as_deref())?;
     let root_number = root.number;
     let activity = Arc::new(Activity::default());
-    let fs = ArchiveFs::new(img.archive, root, owners, activity.clone())?;
+    // The idle timeout counts open files, so only under one are opens asked for.
+    let opens = match opts.idle_timeout() {
+        Some(_) => Opens::Counted,
+        None => Opens::Unasked,
+    };
+    let fs = ArchiveFs::new(img.archive, root, owners, opens, activity.clone())?;
 
     let source = match &opts.fsname {
         Some(name) => name.clone(),
