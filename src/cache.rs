@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use quick_cache::sync::Cache;
-use quick_cache::Weighter;
+use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 
 /// Which table or area a block belongs to; blocks are keyed by kind and disk offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -78,6 +78,9 @@ impl Weighter<BlockKey, Arc<Block>> for ByteWeighter {
     }
 }
 
+/// The share of the budget for blocks used more than once; the rest holds new ones.
+const HOT_SHARE: f64 = 0.5;
+
 /// Decompressed blocks, shared by every reader of one archive.
 pub struct BlockCache {
     cache: Cache<BlockKey, Arc<Block>, ByteWeighter>,
@@ -89,8 +92,25 @@ impl BlockCache {
     pub fn new(budget_bytes: u64) -> Self {
         // quick_cache wants an item estimate for its table sizing; assume 32 KiB blocks.
         let items = (budget_bytes / 32768).clamp(16, 1 << 20) as usize;
+        let options = OptionsBuilder::new()
+            .estimated_items_capacity(items)
+            .weight_capacity(budget_bytes.max(1))
+            // quick_cache admits new blocks to a cold ring and evicts its unreferenced ones
+            // first; by default that ring is 3% of the budget. Blocks read ahead wait there
+            // until their reader arrives, and with 3% (a block or two per shard) they were
+            // evicted first: a sequential read decompressed most blocks twice. Half the
+            // budget holds every reader's window, and the other half still keeps what is
+            // used again (metadata, fragments) from being flushed by a long stream.
+            .hot_allocation(HOT_SHARE)
+            .build()
+            .expect("a positive capacity and item estimate are valid options");
         BlockCache {
-            cache: Cache::with_weighter(items, budget_bytes.max(1), ByteWeighter),
+            cache: Cache::with_options(
+                options,
+                ByteWeighter,
+                DefaultHashBuilder::default(),
+                Default::default(),
+            ),
             budget: budget_bytes,
         }
     }
@@ -156,6 +176,31 @@ mod tests {
             .unwrap();
         }
         assert!(c.weight() <= 1 << 20, "weight {}", c.weight());
+    }
+
+    /// A sequential reader with read-ahead: blocks land `ahead` blocks before the reader
+    /// asks for them, while some blocks are used again and again (metadata, fragments).
+    #[test]
+    fn blocks_read_ahead_are_still_there_when_their_reader_arrives() {
+        const BLOCK: usize = 128 << 10;
+        let c = BlockCache::new(64 << 20);
+        let block = || Block {
+            data: vec![0u8; BLOCK],
+            disk_len: 1,
+        };
+        let ahead = 32; // MAX_WINDOW_BYTES of read-ahead
+        let mut missed = 0;
+        for i in 0..4096u64 {
+            c.insert(key((i + ahead) * BLOCK as u64), block());
+            if c.get(&key(i * BLOCK as u64)).is_none() && i >= ahead {
+                missed += 1;
+            }
+            // The same few blocks used throughout.
+            c.get_or_load::<()>(key(1 << 40 | (i % 8)), || Ok(block()))
+                .unwrap();
+        }
+        assert_eq!(missed, 0, "blocks evicted before their reader reached them");
+        assert!(c.weight() <= 64 << 20);
     }
 
     #[test]

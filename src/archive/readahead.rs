@@ -132,7 +132,9 @@ impl ReadAhead {
                 return;
             }
         }
-        let max_window = (MAX_WINDOW_BYTES / bs).max(1);
+        // Never more than an eighth of the cache: what is read ahead must still be there
+        // when its reader arrives.
+        let max_window = (MAX_WINDOW_BYTES.min(self.archive.cache.budget() / 8) / bs).max(1);
         let window = match stream.window.load(Ordering::Relaxed) {
             0 => 2,
             w => (w * 2).min(max_window),

@@ -318,13 +318,15 @@ impl ArchiveFs {
         Ok((inode, stream))
     }
 
-    fn read_file(
+    /// The bytes of a read: a range of one cached block, or assembled in `assembly`.
+    fn read_file<'a>(
         &self,
         node: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
-    ) -> Result<ReadData, Errno> {
+        assembly: &'a mut Vec<u8>,
+    ) -> Result<ReadData<'a>, Errno> {
         let (inode, stream) = self.file_of(node, fh)?;
         let file = inode.as_file().ok_or(Errno::EBADF)?;
         let want = (size as u64).min(file.file_size.saturating_sub(offset)) as usize;
@@ -342,13 +344,13 @@ impl ArchiveFs {
                 return Ok(ReadData::Block(block, within..within + want));
             }
         }
-        let mut buf = vec![0u8; want];
+        assembly.clear();
+        assembly.resize(want, 0);
         let n = self
             .archive
-            .read_file_at(file, offset, &mut buf)
+            .read_file_at(file, offset, assembly)
             .map_err(|e| failed("read", &e))?;
-        buf.truncate(n);
-        Ok(ReadData::Owned(buf))
+        Ok(ReadData::Assembled(&assembly[..n]))
     }
 
     /// Entry `index` of a directory as readdir numbers them: `.`, `..`, then the stored
@@ -486,18 +488,25 @@ impl ArchiveFs {
 }
 
 /// The answer to a read: a range of one cached block, or bytes assembled for it.
-enum ReadData {
+enum ReadData<'a> {
     Block(BlockData, std::ops::Range<usize>),
-    Owned(Vec<u8>),
+    Assembled(&'a [u8]),
 }
 
-impl ReadData {
+impl ReadData<'_> {
     fn bytes(&self) -> &[u8] {
         match self {
             ReadData::Block(block, range) => &block.bytes().unwrap_or_default()[range.clone()],
-            ReadData::Owned(v) => v,
+            ReadData::Assembled(v) => v,
         }
     }
+}
+
+thread_local! {
+    /// Where each request thread assembles reads that span blocks. The kernel reads up to
+    /// 1 MiB at a time; a fresh buffer per read was a fresh mmap, and page faults on all of
+    /// it, for every request of a sequential reader.
+    static ASSEMBLY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Answer an xattr request the way getxattr(2) and listxattr(2) expect: the size when
@@ -608,9 +617,13 @@ impl Filesystem for ArchiveFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.serve("read", || match self.read_file(ino, fh, offset, size) {
-            Ok(data) => reply.data(data.bytes()),
-            Err(e) => reply.error(e),
+        self.serve("read", || {
+            ASSEMBLY.with_borrow_mut(|assembly| {
+                match self.read_file(ino, fh, offset, size, assembly) {
+                    Ok(data) => reply.data(data.bytes()),
+                    Err(e) => reply.error(e),
+                }
+            })
         })
     }
 
