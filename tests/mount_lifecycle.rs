@@ -190,6 +190,54 @@ fn an_idle_timeout_has_every_open_asked_and_released() {
     );
 }
 
+/// Reading one small file pushes its directory's other small files (same fragment block)
+/// into the page cache: reading them afterwards sends the server no READ, and they read
+/// back exactly as stored.
+#[test]
+fn reading_one_small_file_pushes_its_siblings_into_the_page_cache() {
+    if !can_mount() {
+        return;
+    }
+    let scratch = mount_util::scratch("push");
+    let tree = scratch.path().join("tree");
+    let pkg = tree.join("pkg");
+    fs::create_dir_all(&pkg).unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| {
+            let body = format!("# module {i}\n").repeat(20 + i * 7).into_bytes();
+            (format!("mod{i:02}.py"), body)
+        })
+        .collect();
+    for (name, body) in &files {
+        fs::write(pkg.join(name), body).unwrap();
+    }
+    let image = scratch.path().join("push.sqfs");
+    let out = Command::new("mksquashfs")
+        .arg(&tree)
+        .arg(&image)
+        .args(["-quiet", "-no-progress", "-comp", "gzip"])
+        .output()
+        .expect("squashfs-tools must be installed (mksquashfs)");
+    assert!(out.status.success(), "mksquashfs: {out:?}");
+
+    let mut m = SifuseMount::foreground(&image, &["-d"]);
+    // List first, as tar does: readdirplus hands the kernel every file's node.
+    let listed = fs::read_dir(m.path("pkg")).unwrap().count();
+    assert_eq!(listed, files.len());
+    assert_eq!(fs::read(m.path("pkg/mod00.py")).unwrap(), files[0].1);
+    // The push runs after the reply, on its own thread.
+    std::thread::sleep(Duration::from_millis(500));
+    for (name, body) in &files {
+        let got = fs::read(m.path(&format!("pkg/{name}"))).unwrap();
+        assert!(got == *body, "{name} differs from what was stored");
+    }
+    mount_util::force_unmount(&m.mountpoint);
+    let out = m.child_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(logged(&log, " READ fh"), 1, "{log}");
+}
+
 #[test]
 fn sigterm_unmounts_and_ends_the_daemon() {
     if !can_mount() {

@@ -21,6 +21,8 @@ const SHARDS: usize = 4;
 /// A directory's entries in stored order, and the numbers `.` and `..` report.
 #[derive(Debug)]
 pub struct Listing {
+    /// The directory's own inode.
+    pub iref: InodeRef,
     pub number: u32,
     pub parent: u32,
     pub entries: Vec<DirEntry>,
@@ -29,12 +31,13 @@ pub struct Listing {
 }
 
 impl Listing {
-    pub fn new(number: u32, parent: u32, entries: Vec<DirEntry>) -> Self {
+    pub fn new(iref: InodeRef, number: u32, parent: u32, entries: Vec<DirEntry>) -> Self {
         let held: usize = entries
             .iter()
             .map(|e| std::mem::size_of::<DirEntry>() + e.name.capacity())
             .sum();
         Listing {
+            iref,
             number,
             parent,
             entries,
@@ -138,6 +141,7 @@ mod tests {
 
     fn listing(entries: usize) -> Listing {
         Listing::new(
+            InodeRef(0x40),
             2,
             1,
             (0..entries)

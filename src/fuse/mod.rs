@@ -11,6 +11,7 @@ pub mod handles;
 pub mod listings;
 pub mod nodes;
 pub mod owners;
+pub mod push;
 
 use std::ffi::OsStr;
 use std::io;
@@ -29,7 +30,7 @@ use fuser::{
 
 use crate::archive::readahead::{ReadAhead, Stream};
 use crate::archive::superblock::NO_TABLE;
-use crate::archive::{Archive, BlockData, DirEntry, FileKind, Inode};
+use crate::archive::{Archive, BlockData, DirEntry, FileKind, Inode, InodeRef};
 
 use activity::Activity;
 use attr::{bare_dir_attr, file_attr, file_type};
@@ -37,6 +38,7 @@ use handles::{HandleTable, OpenFile};
 use listings::{Listing, Listings};
 use nodes::NodeTable;
 use owners::Owners;
+use push::Pusher;
 
 /// How long the kernel may trust entries and attributes: the image never changes, so in
 /// effect forever (a year keeps the kernel's jiffies arithmetic far from overflow).
@@ -70,11 +72,12 @@ pub struct ArchiveFs {
     archive: Arc<Archive>,
     readahead: ReadAhead,
     root: Arc<Inode>,
-    nodes: NodeTable,
+    nodes: Arc<NodeTable>,
     opens: Opens,
     files: HandleTable<OpenFile>,
     dirs: HandleTable<Listing>,
-    listings: Listings,
+    listings: Arc<Listings>,
+    pusher: Arc<Pusher>,
     owners: Owners,
     activity: Arc<Activity>,
 }
@@ -143,18 +146,31 @@ impl ArchiveFs {
         let archive = Arc::new(archive);
         // One read-ahead worker per CPU: a sequential reader then uses every core.
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
+        let nodes = Arc::new(NodeTable::new(root.number, root.iref));
+        let listings = Arc::new(Listings::default());
         Ok(ArchiveFs {
-            nodes: NodeTable::new(root.number, root.iref),
+            pusher: Arc::new(Pusher::new(
+                archive.clone(),
+                nodes.clone(),
+                listings.clone(),
+            )),
+            nodes,
             readahead: ReadAhead::new(archive.clone(), workers),
             archive,
             root: Arc::new(root),
             opens,
             files: HandleTable::default(),
             dirs: HandleTable::default(),
-            listings: Listings::default(),
+            listings,
             owners,
             activity,
         })
+    }
+
+    /// What pushes small files into the page cache; it pushes once connected to the
+    /// session's notifier.
+    pub fn pusher(&self) -> Arc<Pusher> {
+        self.pusher.clone()
     }
 
     /// Run one request. A panic inside `handle` is logged and the reply it owned, dropped
@@ -237,12 +253,13 @@ impl ArchiveFs {
         Ok((file_attr(inode, node, blocks, &self.owners), ttl))
     }
 
-    /// Hand node of `inode` to the kernel once more.
-    fn remember(&self, op: &str, inode: Inode) -> Result<u64, Errno> {
+    /// Hand node of `inode`, found in directory `parent`, to the kernel once more.
+    fn remember(&self, op: &str, inode: Inode, parent: InodeRef) -> Result<u64, Errno> {
         let node = self.nodes.remember(inode.number, inode.iref).map_err(|e| {
             tracing::warn!("{op}: corrupt image: {e}");
             Errno::EIO
         })?;
+        self.nodes.note_parent(inode.number, parent);
         self.nodes.keep_inode(&Arc::new(inode));
         Ok(node)
     }
@@ -268,7 +285,7 @@ impl ArchiveFs {
         };
         let inode = self.entry_inode("lookup", &entry)?;
         let found = self.entry_attr("lookup", &inode)?;
-        self.remember("lookup", inode)?;
+        self.remember("lookup", inode, dir.iref)?;
         Ok(Some(found))
     }
 
@@ -282,7 +299,7 @@ impl ArchiveFs {
         self.listings
             .get_or_load(inode.iref, || {
                 let entries = self.archive.read_dir(&inode)?;
-                Ok(Listing::new(inode.number, parent, entries))
+                Ok(Listing::new(inode.iref, inode.number, parent, entries))
             })
             .map_err(|e: crate::Error| failed(op, &e))
     }
@@ -318,7 +335,8 @@ impl ArchiveFs {
         Ok((inode, stream))
     }
 
-    /// The bytes of a read: a range of one cached block, or assembled in `assembly`.
+    /// The bytes of a read: a range of one cached block, or assembled in `assembly`; and
+    /// the file's inode.
     fn read_file<'a>(
         &self,
         node: INodeNo,
@@ -326,11 +344,23 @@ impl ArchiveFs {
         offset: u64,
         size: u32,
         assembly: &'a mut Vec<u8>,
-    ) -> Result<ReadData<'a>, Errno> {
+    ) -> Result<(ReadData<'a>, Arc<Inode>), Errno> {
         let (inode, stream) = self.file_of(node, fh)?;
+        let data = self.read_bytes(&inode, &stream, offset, size, assembly)?;
+        Ok((data, inode))
+    }
+
+    fn read_bytes<'a>(
+        &self,
+        inode: &Inode,
+        stream: &Stream,
+        offset: u64,
+        size: u32,
+        assembly: &'a mut Vec<u8>,
+    ) -> Result<ReadData<'a>, Errno> {
         let file = inode.as_file().ok_or(Errno::EBADF)?;
         let want = (size as u64).min(file.file_size.saturating_sub(offset)) as usize;
-        self.readahead.on_read(file, &stream, offset, want as u64);
+        self.readahead.on_read(file, stream, offset, want as u64);
         // The kernel reads whole aligned blocks, and small files are one fragment: answer
         // those straight from the cached block, without assembling a copy.
         let bs = u64::from(self.archive.superblock().block_size);
@@ -414,7 +444,7 @@ impl ArchiveFs {
                 if index > offset && self.nodes.is_displaced(entry.inode_number) {
                     break;
                 }
-                let (attr, ttl, node) = match self.plus_entry(entry) {
+                let (attr, ttl, node) = match self.plus_entry(dir.iref, entry) {
                     Ok(found) => found,
                     // Answer what is done; the next call starts at the bad entry and fails.
                     Err(_) if index > offset => break,
@@ -434,11 +464,16 @@ impl ArchiveFs {
         Ok(())
     }
 
-    /// The attributes, their lifetime and the (remembered) node of one readdirplus entry.
-    fn plus_entry(&self, entry: &DirEntry) -> Result<(FileAttr, Duration, u64), Errno> {
+    /// The attributes, their lifetime and the (remembered) node of one readdirplus entry
+    /// of directory `dir`.
+    fn plus_entry(
+        &self,
+        dir: InodeRef,
+        entry: &DirEntry,
+    ) -> Result<(FileAttr, Duration, u64), Errno> {
         let inode = self.entry_inode("readdirplus", entry)?;
         let (attr, ttl) = self.entry_attr("readdirplus", &inode)?;
-        let node = self.remember("readdirplus", inode)?;
+        let node = self.remember("readdirplus", inode, dir)?;
         Ok((attr, ttl, node))
     }
 
@@ -620,7 +655,11 @@ impl Filesystem for ArchiveFs {
         self.serve("read", || {
             ASSEMBLY.with_borrow_mut(|assembly| {
                 match self.read_file(ino, fh, offset, size, assembly) {
-                    Ok(data) => reply.data(data.bytes()),
+                    Ok((data, inode)) => {
+                        reply.data(data.bytes());
+                        // After the reply: the reader goes on while siblings are pushed.
+                        self.pusher.after_read(ino.0, &inode);
+                    }
                     Err(e) => reply.error(e),
                 }
             })
@@ -1022,6 +1061,7 @@ mod tests {
     #[test]
     fn slots_number_dot_dotdot_then_entries() {
         let dir = Listing::new(
+            crate::archive::InodeRef(0x40),
             10,
             20,
             vec![DirEntry {

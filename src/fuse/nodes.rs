@@ -52,6 +52,8 @@ struct Node {
     /// Where reads of the file are, for read-ahead: files are opened without a handle to
     /// keep it in (see no-open in the adapter), so it lives as long as the node.
     stream: Option<Arc<Stream>>,
+    /// The directory the kernel first found it in (a hard link may have others).
+    parent: Option<InodeRef>,
 }
 
 /// Node ids handed to the kernel, and their inode references.
@@ -116,6 +118,7 @@ impl NodeTable {
             lookups: 0,
             inode: None,
             stream: None,
+            parent: None,
         });
         if node.iref != iref {
             return Err(NodeError::NumberReused {
@@ -177,6 +180,24 @@ impl NodeTable {
         let number = self.number(node)?;
         let shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
         shard.get(&number).map(|n| (n.iref, n.inode.clone()))
+    }
+
+    /// Note that the kernel found the inode numbered `number` in directory `parent`.
+    pub fn note_parent(&self, number: u32, parent: InodeRef) {
+        let mut shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = shard.get_mut(&number) {
+            n.parent.get_or_insert(parent);
+        }
+    }
+
+    /// The directory the kernel found `node` in, if it holds the node.
+    pub fn parent(&self, node: u64) -> Option<InodeRef> {
+        if node == ROOT_NODE {
+            return None;
+        }
+        let number = self.number(node)?;
+        let shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
+        shard.get(&number).and_then(|n| n.parent)
     }
 
     /// The read-ahead state of the file behind `node`, made at its first use; `None` if
@@ -294,5 +315,19 @@ mod tests {
         assert!(t.stream(9).is_none());
         t.remember(9, InodeRef(0x90)).unwrap();
         assert!(!Arc::ptr_eq(&first, &t.stream(9).unwrap()));
+    }
+
+    #[test]
+    fn a_node_keeps_the_first_directory_it_was_found_in() {
+        let t = table();
+        t.note_parent(9, InodeRef(0x5));
+        assert_eq!(t.parent(9), None, "not held, nothing noted");
+        t.remember(9, InodeRef(0x90)).unwrap();
+        t.note_parent(9, InodeRef(0x5));
+        t.note_parent(9, InodeRef(0x6));
+        assert_eq!(t.parent(9), Some(InodeRef(0x5)));
+        assert_eq!(t.parent(ROOT_NODE), None);
+        t.forget(9, 1);
+        assert_eq!(t.parent(9), None);
     }
 }

@@ -169,6 +169,7 @@ fn prepare(req: &MountRequest, sys: &dyn MountSyscalls) -> Result<Mounted, Mount
     config.acl = acl;
     config.n_threads = Some(opts.thread_count());
     config.clone_fd = true;
+    let pusher = fs.pusher();
     let session = Session::from_fd(fs, fd, acl, config).map_err(|source| {
         undo(sys, &attachment);
         MountError::Handshake {
@@ -176,6 +177,7 @@ fn prepare(req: &MountRequest, sys: &dyn MountSyscalls) -> Result<Mounted, Mount
             source,
         }
     })?;
+    pusher.connect(session.notifier());
     Ok(Mounted {
         session,
         attachment,
