@@ -579,6 +579,7 @@ fn main() {
                         }
                     }
                 };
+                eprintln!("  {key:<12} {:<14} {:.3} s", s.name(), t.as_secs_f64());
                 if *key == "walk" && round == 0 {
                     walks.insert(s, fs::read_to_string(&walk_out).unwrap());
                 }
