@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 
-use crate::archive::{DirEntry, InodeRef};
+use crate::archive::{Archive, DirEntry, Inode, InodeRef};
 
 /// Bytes of parsed listings kept.
 pub const LISTINGS_BUDGET: u64 = 16 << 20;
@@ -123,6 +123,18 @@ impl Listings {
                 Some((iref, listing.clone()));
         }
         Ok(listing)
+    }
+
+    /// The listing of directory `dir` of `archive`, parsed if not kept.
+    pub fn of(&self, archive: &Archive, dir: &Inode) -> crate::Result<Arc<Listing>> {
+        let parent = dir
+            .as_dir()
+            .ok_or_else(|| crate::Error::NotADirectory(format!("inode {}", dir.number)))?
+            .parent;
+        self.get_or_load(dir.iref, || {
+            let entries = archive.read_dir(dir)?;
+            Ok(Listing::new(dir.iref, dir.number, parent, entries))
+        })
     }
 
     fn oversized_hit(&self, iref: InodeRef) -> Option<Arc<Listing>> {

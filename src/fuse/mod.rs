@@ -295,13 +295,12 @@ impl ArchiveFs {
             return Ok(open);
         }
         let inode = self.inode_of(op, node)?;
-        let parent = inode.as_dir().ok_or(Errno::ENOTDIR)?.parent;
+        if inode.kind != FileKind::Directory {
+            return Err(Errno::ENOTDIR);
+        }
         self.listings
-            .get_or_load(inode.iref, || {
-                let entries = self.archive.read_dir(&inode)?;
-                Ok(Listing::new(inode.iref, inode.number, parent, entries))
-            })
-            .map_err(|e: crate::Error| failed(op, &e))
+            .of(&self.archive, &inode)
+            .map_err(|e| failed(op, &e))
     }
 
     fn open_dir(&self, node: INodeNo) -> Result<u64, Errno> {

@@ -22,7 +22,7 @@ use fuser::{INodeNo, Notifier};
 
 use crate::archive::{Archive, FileKind, Inode, InodeRef};
 
-use super::listings::{Listing, Listings};
+use super::listings::Listings;
 use super::nodes::NodeTable;
 
 /// Jobs waiting for the worker, at most.
@@ -147,14 +147,7 @@ fn push(shared: &Shared, job: &Job) -> crate::Result<()> {
         return Ok(());
     };
     let archive = &shared.archive;
-    let dir = archive.inode(job.dir)?;
-    let Some(info) = dir.as_dir() else {
-        return Ok(());
-    };
-    let listing = shared.listings.get_or_load(job.dir, || {
-        let entries = archive.read_dir(&dir)?;
-        Ok::<_, crate::Error>(Listing::new(dir.iref, dir.number, info.parent, entries))
-    })?;
+    let listing = shared.listings.of(archive, &archive.inode(job.dir)?)?;
     for entry in &listing.entries {
         if entry.kind != FileKind::File || entry.inode_number == job.skip {
             continue;
