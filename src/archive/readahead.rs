@@ -106,11 +106,6 @@ impl ReadAhead {
         pool.queue.as_ref()
     }
 
-    /// The archive the workers read.
-    pub fn archive(&self) -> &Arc<Archive> {
-        &self.archive
-    }
-
     /// Note a read of `[offset, offset + len)` of `file` and, if the stream is sequential,
     /// queue the blocks that follow. Call before serving the read, so the workers run
     /// alongside it.

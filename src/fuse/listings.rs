@@ -44,10 +44,6 @@ impl Listing {
             weight: (held + std::mem::size_of::<Listing>()) as u64,
         }
     }
-
-    fn weight(&self) -> u64 {
-        self.weight
-    }
 }
 
 #[derive(Clone)]
@@ -55,7 +51,7 @@ struct ListingWeighter;
 
 impl Weighter<InodeRef, Arc<Listing>> for ListingWeighter {
     fn weight(&self, _key: &InodeRef, listing: &Arc<Listing>) -> u64 {
-        listing.weight()
+        listing.weight
     }
 }
 
@@ -118,7 +114,7 @@ impl Listings {
             .cache
             .get_or_insert_with(&iref, || load().map(Arc::new))?;
         // A listing heavier than its shard was returned but not kept.
-        if listing.weight() * 2 > self.shard_budget {
+        if listing.weight * 2 > self.shard_budget {
             *self.oversized.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some((iref, listing.clone()));
         }

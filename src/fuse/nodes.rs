@@ -106,6 +106,14 @@ impl NodeTable {
         &self.shards[number as usize % SHARDS]
     }
 
+    /// `f` of the entry of `node`, if the kernel holds it. The served root is never in the
+    /// table (remember refuses its number), so node 1 finds nothing here.
+    fn with_node<R>(&self, node: u64, f: impl FnOnce(&mut Node) -> R) -> Option<R> {
+        let number = self.number(node)?;
+        let mut shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
+        shard.get_mut(&number).map(f)
+    }
+
     /// Record one kernel lookup of the inode `iref` numbered `number`; returns its node id.
     /// Call it before the reply that hands the node to the kernel is sent.
     pub fn remember(&self, number: u32, iref: InodeRef) -> Result<u64, NodeError> {
@@ -153,9 +161,7 @@ impl NodeTable {
         if node == ROOT_NODE {
             return Some(self.root_iref);
         }
-        let number = self.number(node)?;
-        let shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
-        shard.get(&number).map(|n| n.iref)
+        self.with_node(node, |n| n.iref)
     }
 
     /// Keep the decoded inode of a node the kernel holds (remembered before), so that
@@ -177,9 +183,7 @@ impl NodeTable {
         if node == ROOT_NODE {
             return Some((self.root_iref, None));
         }
-        let number = self.number(node)?;
-        let shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
-        shard.get(&number).map(|n| (n.iref, n.inode.clone()))
+        self.with_node(node, |n| (n.iref, n.inode.clone()))
     }
 
     /// Note that the kernel found the inode numbered `number` in directory `parent`.
@@ -192,24 +196,15 @@ impl NodeTable {
 
     /// The directory the kernel found `node` in, if it holds the node.
     pub fn parent(&self, node: u64) -> Option<InodeRef> {
-        if node == ROOT_NODE {
-            return None;
-        }
-        let number = self.number(node)?;
-        let shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
-        shard.get(&number).and_then(|n| n.parent)
+        self.with_node(node, |n| n.parent).flatten()
     }
 
     /// The read-ahead state of the file behind `node`, made at its first use; `None` if
     /// the kernel does not hold the node.
     pub fn stream(&self, node: u64) -> Option<Arc<Stream>> {
-        if node == ROOT_NODE {
-            return None;
-        }
-        let number = self.number(node)?;
-        let mut shard = self.shard(number).lock().unwrap_or_else(|p| p.into_inner());
-        let n = shard.get_mut(&number)?;
-        Some(n.stream.get_or_insert_with(Default::default).clone())
+        self.with_node(node, |n| {
+            n.stream.get_or_insert_with(Default::default).clone()
+        })
     }
 
     /// How many nodes (besides the root) the kernel holds.
