@@ -25,6 +25,11 @@ const MAX_RUN: u32 = 256;
 /// nothing). The mount pages through listings and needs no such bound.
 pub const MAX_DIR_ENTRIES: usize = 1 << 22;
 const MAX_DIR_NAME_BYTES: usize = 128 << 20;
+/// Listing bytes one request parses to reach its place, at most: what lies between two
+/// points of a directory index is one metadata block (mksquashfs indexes every block), and
+/// an unindexed listing is at most 64 KiB unless an image is crafted; this bounds the work
+/// a crafted one can ask for.
+pub const MAX_LISTING_SCAN: u64 = 64 << 20;
 
 /// One directory entry, with its name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -388,6 +393,9 @@ impl Archive {
             };
             // Entries before the position were taken by an earlier call.
             if after <= from {
+                if after - seek.at > MAX_LISTING_SCAN {
+                    return Err(too_far(dir, from - seek.at));
+                }
                 continue;
             }
             if !visit(e, after) {
@@ -428,7 +436,10 @@ impl Archive {
             }
         }
         let mut r = ListingReader::new(self, seek, info.file_size)?;
-        while let Some(e) = r.next_entry()? {
+        while let Some((e, after, _)) = r.next()? {
+            if after - seek.at > MAX_LISTING_SCAN {
+                return Err(too_far(dir, after - seek.at));
+            }
             match e.name.cmp(name) {
                 std::cmp::Ordering::Equal => return Ok(Some(e.to_owned())),
                 // Entries are sorted: once past the name it is not there.
@@ -438,4 +449,14 @@ impl Archive {
         }
         Ok(None)
     }
+}
+
+/// The error of a request that would parse more than [`MAX_LISTING_SCAN`] bytes of a
+/// listing to reach its place.
+fn too_far(dir: &Inode, distance: u64) -> Error {
+    Error::Unsupported(format!(
+        "directory inode {} would need {distance} bytes of its listing parsed to reach one \
+         entry (at most {MAX_LISTING_SCAN}): its directory index is missing or too sparse",
+        dir.number
+    ))
 }

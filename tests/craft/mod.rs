@@ -78,7 +78,7 @@ impl Stream {
         let mut starts = Vec::new();
         for chunk in self.bytes.chunks(METADATA_SIZE) {
             starts.push(out.len() as u64);
-            let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+            let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
             z.write_all(chunk).unwrap();
             let packed = z.finish().unwrap();
             if packed.len() < chunk.len() {
