@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use launcher_util::{command, mount_line, Launcher, Scratch, HOSTNAME, NOBODY};
-use mount_util::{can_mount, wait_for};
+use mount_util::{require_mount, wait_for};
 
 fn owner(as_nobody: bool) -> u32 {
     if as_nobody {
@@ -118,17 +118,13 @@ fn started_detaches_and_the_container_keeps_reading(as_nobody: bool) {
 
 #[test]
 fn started_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     started_detaches_and_the_container_keeps_reading(false);
 }
 
 #[test]
 fn started_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     started_detaches_and_the_container_keeps_reading(true);
 }
 
@@ -144,17 +140,13 @@ fn end_of_file_before_started_cleans_up(as_nobody: bool) {
 
 #[test]
 fn end_of_file_before_started_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     end_of_file_before_started_cleans_up(false);
 }
 
 #[test]
 fn end_of_file_before_started_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     end_of_file_before_started_cleans_up(true);
 }
 
@@ -175,17 +167,13 @@ fn cleanup_answers_done(as_nobody: bool) {
 
 #[test]
 fn cleanup_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     cleanup_answers_done(false);
 }
 
 #[test]
 fn cleanup_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     cleanup_answers_done(true);
 }
 
@@ -203,25 +191,19 @@ fn sigkill_before_started_the_watcher_cleans_up(as_nobody: bool) {
 
 #[test]
 fn sigkill_before_started_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     sigkill_before_started_the_watcher_cleans_up(false);
 }
 
 #[test]
 fn sigkill_before_started_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     sigkill_before_started_the_watcher_cleans_up(true);
 }
 
 #[test]
 fn failures_answer_error_and_leave_nothing() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("proto-fail", 0);
     // Not an image: mounting fails after the directory was made.
     fs::write(&s.image, vec![0u8; 8192]).unwrap();
@@ -250,9 +232,7 @@ fn failures_answer_error_and_leave_nothing() {
 
 #[test]
 fn a_given_mount_point_is_unmounted_but_kept() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("proto-given", 0);
     let mnt = s.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
@@ -285,9 +265,7 @@ fn a_given_mount_point_is_unmounted_but_kept() {
 
 #[test]
 fn sigterm_before_started_unmounts_reports_and_cleans_up() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("proto-term", 0);
     let mut l = Launcher::start(&s, false, &[]);
     let path = l.ready();

@@ -13,8 +13,8 @@ use std::process::Command;
 use common::fixtures::fixtures;
 use common::tree_compare::{compare_trees, CompareOptions};
 use mount_util::{
-    assert_no_differences, can_mount, compare_views, mountinfo, scratch, KernelMount, SifuseMount,
-    ViewExceptions,
+    assert_no_differences, compare_views, mountinfo, require_mount, scratch, KernelMount,
+    SifuseMount, ViewExceptions,
 };
 use sifuse::sif::{
     arch_code, host_arch, DataType, FsType, PartType, PartitionInfo, SifWriter, WriterObject,
@@ -42,9 +42,7 @@ fn owners_under(root: &Path) -> Vec<(PathBuf, u32, u32)> {
 
 #[test]
 fn uid_and_gid_show_every_entry_with_one_owner() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let kernel = KernelMount::new(gzip());
     let m = SifuseMount::daemon(gzip(), &["-o", "uid=1234", "--gid", "5678"]);
     let owners = owners_under(&m.mountpoint);
@@ -66,9 +64,7 @@ fn uid_and_gid_show_every_entry_with_one_owner() {
 
 #[test]
 fn maps_shift_owner_ranges_like_a_user_namespace() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let m = SifuseMount::daemon(
         gzip(),
         &[
@@ -97,9 +93,7 @@ fn maps_shift_owner_ranges_like_a_user_namespace() {
 
 #[test]
 fn subdir_serves_a_subtree_as_the_kernel_shows_it() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let kernel = KernelMount::new(gzip());
     for subdir in ["links", "/names/", "bigdir"] {
         let m = SifuseMount::daemon(gzip(), &["--subdir", subdir]);
@@ -147,9 +141,7 @@ fn block_size(m: &SifuseMount) -> u64 {
 
 #[test]
 fn partition_selects_the_sif_partition_served() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let dir = scratch("partitions");
     let sif = two_partition_sif(dir.path());
     let hello = fs::read(fixtures().tree.join("hello.txt")).unwrap();
@@ -174,9 +166,7 @@ fn partition_selects_the_sif_partition_served() {
 
 #[test]
 fn offset_finds_an_image_inside_another_file() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let dir = scratch("offset");
     let wrapped = dir.path().join("wrapped.bin");
     let mut f = fs::File::create(&wrapped).unwrap();
@@ -203,9 +193,7 @@ fn as_nobody(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn allow_other_lets_others_in_and_the_kernel_enforces_mode_bits() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let path = |m: &SifuseMount, rel: &str| m.path(rel).to_str().unwrap().to_string();
 
     // Without allow_other, nobody else gets in at all.
@@ -261,9 +249,7 @@ fn allow_other_lets_others_in_and_the_kernel_enforces_mode_bits() {
 
 #[test]
 fn mounts_are_read_only_nosuid_and_nodev_unless_asked() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let options = |m: &SifuseMount| -> Vec<String> {
         let info = mountinfo(&m.mountpoint).unwrap();
         info.split(' ')
