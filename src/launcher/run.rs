@@ -41,7 +41,7 @@
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
@@ -49,6 +49,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
+use std::time::Duration;
 
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
@@ -59,6 +60,7 @@ use nix::unistd::{fork, ForkResult};
 use super::fdpass::send_line_with_fd;
 use super::handoff;
 use super::host::temp_base;
+use super::protocol::{read_line_bounded, Line, MAX_LINE};
 use super::LauncherError;
 use crate::mount::detached::attach_at;
 use crate::mount::options::MountOptions;
@@ -237,6 +239,13 @@ fn apply(step: &Step) -> Result<(), LauncherError> {
     }
 }
 
+/// How long to wait for the server to mount (`ready`) or start serving (`serving`): it
+/// opens the image and reads its superblock and tables first.
+const MOUNT_WAIT: Duration = Duration::from_secs(60);
+
+/// How long to wait for any other answer (`detached`, `done`).
+const ANSWER_WAIT: Duration = Duration::from_secs(30);
+
 /// The server and the launcher's end of the control stream.
 struct Server {
     child: Child,
@@ -290,18 +299,41 @@ impl Server {
         })
     }
 
-    /// The next line from the server, without its newline; None at end of file.
-    fn read_line(&mut self) -> Option<String> {
-        let mut line = String::new();
-        match self.input.read_line(&mut line) {
-            Ok(0) | Err(_) => None,
-            Ok(_) => Some(line.trim_end_matches('\n').to_string()),
+    /// The next line from the server, without its newline; None at end of file. A server
+    /// that says nothing for `limit` is killed (its watcher cleans up after it) and that
+    /// is the error.
+    fn read_line(&mut self, limit: Duration) -> Result<Option<String>, LauncherError> {
+        let timed_out = |e: &io::Error| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            )
+        };
+        let read = self
+            .input
+            .get_ref()
+            .set_read_timeout(Some(limit))
+            .and_then(|()| read_line_bounded(&mut self.input, MAX_LINE));
+        match read {
+            Ok(Line::Text(line)) => Ok(Some(line)),
+            Ok(Line::NotUtf8 | Line::TooLong) => Ok(Some("(an unreadable line)".into())),
+            Ok(Line::End) => Ok(None),
+            Err(e) if timed_out(&e) => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                Err(LauncherError::Server(format!(
+                    "did not answer within {} s: stopped",
+                    limit.as_secs()
+                )))
+            }
+            // A broken stream: the server is gone.
+            Err(_) => Ok(None),
         }
     }
 
     /// Wait for `ready PATH`.
     fn ready(&mut self) -> Result<PathBuf, LauncherError> {
-        match self.read_line() {
+        match self.read_line(MOUNT_WAIT)? {
             Some(line) => match line.split_once(' ') {
                 Some(("ready", path)) => Ok(PathBuf::from(path)),
                 Some(("error", msg)) => {
@@ -327,7 +359,7 @@ impl Server {
         use std::os::fd::AsFd;
         send_line_with_fd(self.output.as_fd(), "serve-fd", fuse.as_fd())
             .map_err(|e| LauncherError::Server(format!("cannot send serve-fd: {e}")))?;
-        match self.read_line() {
+        match self.read_line(MOUNT_WAIT)? {
             Some(line) if line == "serving" => Ok(()),
             Some(line) => Err(LauncherError::Server(
                 line.strip_prefix("error ").unwrap_or(&line).to_string(),
@@ -348,9 +380,11 @@ impl Server {
     /// Startup failed: ask the server to clean up, and wait for it.
     fn clean_up(mut self) {
         if self.send("cleanup").is_ok() {
-            match self.read_line().as_deref() {
-                Some("done") | None => {}
-                Some(other) => eprintln!("sifuse: cleanup: {other}"),
+            match self.read_line(ANSWER_WAIT) {
+                Ok(Some(line)) if line == "done" => {}
+                Ok(None) => {}
+                Ok(Some(other)) => eprintln!("sifuse: cleanup: {other}"),
+                Err(e) => eprintln!("sifuse: cleanup: {e}"),
             }
         }
         drop(self.output);
@@ -611,14 +645,15 @@ fn run_on_host(req: &RunRequest, userns: bool, binds: &[Bind]) -> Result<i32, La
             return Err(e);
         }
     };
-    match server
-        .send("started")
-        .ok()
-        .and_then(|()| server.read_line())
-    {
-        Some(line) if line == "detached" => {}
-        Some(line) => eprintln!("sifuse: the server did not detach the host copy: {line}"),
-        None => eprintln!("sifuse: the server did not answer started"),
+    let answer = match server.send("started") {
+        Ok(()) => server.read_line(ANSWER_WAIT),
+        Err(e) => Err(LauncherError::Server(format!("cannot send started: {e}"))),
+    };
+    match answer {
+        Ok(Some(line)) if line == "detached" => {}
+        Ok(Some(line)) => eprintln!("sifuse: the server did not detach the host copy: {line}"),
+        Ok(None) => eprintln!("sifuse: the server did not answer started"),
+        Err(e) => eprintln!("sifuse: {e}"),
     }
     let status = wait_container(child)?;
     // The server serves the container's copy until this process, the last holder, is
@@ -722,7 +757,8 @@ fn wait_with_the_server(
             return wait_container(child);
         }
         if fds[1].revents != 0 {
-            if let Some(line) = server.read_line() {
+            // Readable: a line, or the end of the stream, is there already.
+            if let Ok(Some(line)) = server.read_line(ANSWER_WAIT) {
                 tracing::warn!("the server said {line:?} after serving");
                 continue;
             }
