@@ -1,5 +1,6 @@
 //! Mount options: owner override and maps, subdir, SIF partition selection, offset,
-//! allow_other with the kernel enforcing mode bits, and the ro/nosuid/nodev flags.
+//! allow_other with the kernel enforcing mode bits, allow_root keeping everyone but root
+//! and the owner out (with the kernel's caches warm), and the ro/nosuid/nodev flags.
 
 mod common;
 mod mount_util;
@@ -245,6 +246,124 @@ fn allow_other_lets_others_in_and_the_kernel_enforces_mode_bits() {
         assert!(!s.contains("trusted."), "{s}");
         assert_eq!(k, s, "{rel}");
     }
+}
+
+/// Run `args` as `uid` (and group `uid`, no other groups).
+fn as_user(uid: u32, args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args([format!("--reuid={uid}"), format!("--regid={uid}")])
+        .arg("--clear-groups")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Every kind of access the fixture offers, as `uid`: stat of the mount point and of a
+/// file, listing, reading, a symlink, xattrs and a walk through a subtree.
+fn every_access(m: &SifuseMount, uid: u32) -> Vec<(String, std::process::Output)> {
+    let p = |rel: &str| m.path(rel).to_str().unwrap().to_string();
+    let root = m.mountpoint.to_str().unwrap().to_string();
+    let calls: Vec<Vec<String>> = vec![
+        vec!["stat".into(), root.clone()],
+        vec!["stat".into(), p("hello.txt")],
+        vec!["ls".into(), root.clone()],
+        vec!["ls".into(), "-l".into(), p("modes")],
+        vec!["cat".into(), p("hello.txt")],
+        vec!["readlink".into(), "-v".into(), p("symlinks/absolute")],
+        vec!["getfattr".into(), "-d".into(), p("xattrs/user-only")],
+        vec![
+            "getfattr".into(),
+            "-d".into(),
+            "-m".into(),
+            "-".into(),
+            root.clone(),
+        ],
+        vec!["find".into(), p("deep")],
+    ];
+    calls
+        .into_iter()
+        .map(|args| {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            (args.join(" "), as_user(uid, &refs))
+        })
+        .collect()
+}
+
+fn assert_all_allowed(m: &SifuseMount, uid: u32) {
+    for (what, out) in every_access(m, uid) {
+        assert!(out.status.success(), "uid {uid}: {what}: {out:?}");
+    }
+}
+
+/// Every access refused with EACCES.
+fn assert_all_refused(m: &SifuseMount, uid: u32) {
+    for (what, out) in every_access(m, uid) {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("Permission denied"),
+            "uid {uid} got in: {what}: {out:?}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("squashfs"),
+            "uid {uid} read the file: {what}: {out:?}"
+        );
+    }
+}
+
+/// `-o allow_root` as root, under sifuse's name and squashfuse_ll's: root reads and
+/// lists everything, and then user 65534 — with every cache of the kernel warm — gets
+/// EACCES for each access (it used to read files, list directories and stat anything,
+/// since files and directories open without asking the server).
+#[test]
+fn allow_root_keeps_everyone_else_out_with_the_caches_warm() {
+    require_mount();
+    let dir = scratch("allow-root-bin");
+    let compat = dir.path().join("squashfuse_ll");
+    std::os::unix::fs::symlink(mount_util::SIFUSE, &compat).unwrap();
+    for program in [Path::new(mount_util::SIFUSE), compat.as_path()] {
+        let (mdir, mnt) = SifuseMount::new_mountpoint("allow-root");
+        let mut cmd = Command::new(program);
+        if program == Path::new(mount_util::SIFUSE) {
+            cmd.arg("mount");
+        }
+        let out = mount_util::run_to_exit(cmd.args(["-o", "allow_root"]).arg(gzip()).arg(&mnt));
+        let m = SifuseMount::adopt(mdir, mnt, None);
+        assert!(out.status.success(), "{}: {out:?}", program.display());
+        // Root owns it: the kernel itself admits only root, no allow_other needed.
+        let info = mountinfo(&m.mountpoint).unwrap();
+        assert!(!info.contains("allow_other"), "{info}");
+        assert_all_allowed(&m, 0);
+        assert_all_refused(&m, 65534);
+        assert_all_allowed(&m, 0);
+    }
+}
+
+/// `-o allow_root` with an owner who is not root (a setuid-root starter running sifuse
+/// for user 1000): the owner and root read everything, user 65534 is refused each access
+/// with the caches warm (the kernel must let everyone reach the server here, which
+/// refuses them and keeps no attributes in the kernel).
+#[test]
+fn allow_root_for_another_owner_admits_only_that_owner_and_root() {
+    require_mount();
+    let (mdir, mnt) = SifuseMount::new_mountpoint("allow-root-user");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--ruid=1000", "--rgid=1000", "--clear-groups"])
+        .args([mount_util::SIFUSE, "mount", "-o", "allow_root"])
+        .arg(gzip())
+        .arg(&mnt);
+    let out = mount_util::run_to_exit(&mut cmd);
+    let m = SifuseMount::adopt(mdir, mnt, None);
+    assert!(out.status.success(), "{out:?}");
+    let info = mountinfo(&m.mountpoint).unwrap();
+    assert!(
+        info.contains("user_id=1000") && info.contains("allow_other"),
+        "{info}"
+    );
+    assert_all_allowed(&m, 1000);
+    assert_all_allowed(&m, 0);
+    assert_all_refused(&m, 65534);
+    assert_all_refused(&m, 1001);
+    assert_all_allowed(&m, 1000);
 }
 
 #[test]

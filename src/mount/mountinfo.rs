@@ -45,6 +45,20 @@ pub fn fs_type(line: &str) -> Option<&str> {
     fields.next()
 }
 
+/// The line of the mount whose id (the first field) is `id` in `mountinfo` text.
+pub fn line_with_id(mountinfo: &str, id: u64) -> Option<&str> {
+    let id = id.to_string();
+    mountinfo
+        .lines()
+        .find(|line| line.split(' ').next() == Some(id.as_str()))
+}
+
+/// The mountinfo line of mount `id` in this process's mount namespace.
+pub fn line_of(id: u64) -> io::Result<Option<String>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(line_with_id(&info, id).map(str::to_string))
+}
+
 /// The mountinfo line of the topmost mount at `path` in this process's mount namespace.
 pub fn line_at(path: &Path) -> io::Result<Option<String>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
@@ -75,6 +89,12 @@ mod tests {
             .ends_with("/other ro"));
         assert_eq!(type_at("/tmp"), None);
         assert_eq!(fs_type("no separator"), None);
+    }
+
+    #[test]
+    fn finds_a_mount_by_id() {
+        assert!(line_with_id(INFO, 43).unwrap().contains("tmpfs"));
+        assert!(line_with_id(INFO, 4).is_none());
     }
 
     #[test]
