@@ -268,3 +268,40 @@ fn sigkill_of_sifuse_run_at_ten_moments_on_the_fallback_unprivileged() {
         sigkill_at(&s, true, &["--no-detached"], Duration::from_millis(ms));
     }
 }
+
+/// Inside the container every mount of the /sys tree (the cgroup hierarchies under
+/// /sys/fs/cgroup included, which used to stay writable) and every mount below /proc is
+/// read-only, as mountinfo read there shows.
+fn sys_and_below_are_read_only(as_nobody: bool) {
+    let s = Scratch::new("run-sys-ro", owner(as_nobody));
+    let out = run(&s, as_nobody, &[], &["/bin/cat", "/proc/self/mountinfo"]);
+    assert!(out.status.success(), "{out:?}");
+    let info = stdout(&out);
+    let mut seen = 0;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (point, options) = (fields[4], fields[5]);
+        let below_proc = point.starts_with("/proc/");
+        if point == "/sys" || point.starts_with("/sys/") || below_proc {
+            seen += 1;
+            assert!(
+                options.split(',').any(|o| o == "ro"),
+                "writable inside the container: {line}"
+            );
+        }
+    }
+    assert!(seen > 0, "no /sys in the container: {info}");
+    s.assert_nothing_left();
+}
+
+#[test]
+fn sys_and_below_are_read_only_as_root() {
+    require_mount();
+    sys_and_below_are_read_only(false);
+}
+
+#[test]
+fn sys_and_below_are_read_only_unprivileged() {
+    require_mount();
+    sys_and_below_are_read_only(true);
+}

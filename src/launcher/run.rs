@@ -53,7 +53,6 @@ use std::time::Duration;
 
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
-use nix::sys::statvfs::FsFlags;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 
@@ -61,6 +60,7 @@ use super::fdpass::send_line_with_fd;
 use super::handoff;
 use super::host::temp_base;
 use super::protocol::{read_line_bounded, Line, MAX_LINE};
+use super::rootfs;
 use super::LauncherError;
 use crate::mount::detached::attach_at;
 use crate::mount::options::MountOptions;
@@ -106,137 +106,6 @@ pub struct RunRequest {
     pub options: MountOptions,
     /// Use a detached mount where the kernel can (else the temp-directory protocol).
     pub detached: bool,
-}
-
-/// One step of building the container's root, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    /// Recursive bind of `source` onto `target`.
-    Bind { source: PathBuf, target: PathBuf },
-    /// Remount the bind at `target` read-only, keeping the flags it has.
-    ReadOnly(PathBuf),
-    /// A fresh tmpfs, nosuid and nodev, mode 1777.
-    Tmpfs(PathBuf),
-}
-
-/// Where `inside` (absolute, in the container) lies under `root`. A symlink in the image
-/// may lead the mount elsewhere; it then lands in the old root, which is detached after
-/// pivot_root, so it can reach nothing of the host's (every mount here is private).
-fn under(root: &Path, inside: &Path) -> PathBuf {
-    root.join(inside.strip_prefix("/").unwrap_or(inside))
-}
-
-/// The mounts that make `root` a container root. `is_dir(path)` says whether a standard
-/// mount point exists in the image (it is read-only: nothing can be created); a missing
-/// one is skipped with a warning. Binds must find their destination.
-pub fn plan(
-    root: &Path,
-    binds: &[Bind],
-    is_dir: &dyn Fn(&Path) -> bool,
-    exists: &dyn Fn(&Path) -> bool,
-) -> Result<Vec<Step>, LauncherError> {
-    let mut steps = vec![
-        Step::Bind {
-            source: root.into(),
-            target: root.into(),
-        },
-        Step::ReadOnly(root.into()),
-    ];
-    let standard = [("proc", true), ("dev", true), ("sys", true), ("tmp", false)];
-    for (name, from_host) in standard {
-        let target = root.join(name);
-        if !is_dir(&target) {
-            tracing::warn!("the image has no /{name}: not mounted");
-            continue;
-        }
-        if from_host {
-            steps.push(Step::Bind {
-                source: Path::new("/").join(name),
-                target: target.clone(),
-            });
-            if name == "sys" {
-                steps.push(Step::ReadOnly(target));
-            }
-        } else {
-            steps.push(Step::Tmpfs(target));
-        }
-    }
-    for b in binds {
-        let target = under(root, &b.dest);
-        if !exists(&target) {
-            return Err(LauncherError::setup(
-                format!("--bind {}:{}", b.source.display(), b.dest.display()),
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "the destination does not exist in the image (it is read-only, so \
-                     sifuse cannot create it)",
-                ),
-            ));
-        }
-        steps.push(Step::Bind {
-            source: b.source.clone(),
-            target,
-        });
-    }
-    Ok(steps)
-}
-
-/// The flags of a read-only bind remount of a mount that has `current`. In a user
-/// namespace the kernel locks nosuid, nodev, noexec and the atime flags of mounts that
-/// came from a more privileged namespace: a remount that drops any of them fails with
-/// EPERM, so keep all that are set.
-pub fn readonly_remount_flags(current: FsFlags) -> MsFlags {
-    let mut f = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
-    let keep = [
-        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
-        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
-        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
-        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
-        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
-    ];
-    for (st, ms) in keep {
-        if current.contains(st) {
-            f |= ms;
-        }
-    }
-    f
-}
-
-fn apply(step: &Step) -> Result<(), LauncherError> {
-    let none: Option<&str> = None;
-    match step {
-        Step::Bind { source, target } => nix::mount::mount(
-            Some(source.as_path()),
-            target,
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            none,
-        )
-        .map_err(|e| {
-            LauncherError::setup(
-                format!("cannot bind {} to {}", source.display(), target.display()),
-                e,
-            )
-        }),
-        Step::ReadOnly(target) => {
-            let what = || format!("cannot make {} read-only", target.display());
-            let st =
-                nix::sys::statvfs::statvfs(target).map_err(|e| LauncherError::setup(what(), e))?;
-            nix::mount::mount(none, target, none, readonly_remount_flags(st.flags()), none)
-                .map_err(|e| LauncherError::setup(what(), e))
-        }
-        Step::Tmpfs(target) => nix::mount::mount(
-            Some("tmpfs"),
-            target,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=1777"),
-        )
-        .map_err(|e| {
-            LauncherError::setup(format!("cannot mount a tmpfs on {}", target.display()), e)
-        }),
-    }
 }
 
 /// How long to wait for the server to mount (`ready`) or start serving (`serving`): it
@@ -440,16 +309,16 @@ type HeldSources = Vec<(PathBuf, File)>;
 /// from their descriptors, so that a source the attached image hides is still reached.
 fn enter_root(root: &Path, binds: &[Bind], held: &HeldSources) -> Result<(), LauncherError> {
     make_private()?;
-    let mut steps = plan(root, binds, &|p| p.is_dir(), &|p| p.exists())?;
+    let mut steps = rootfs::plan(root, binds, &|p| p.is_dir(), &|p| p.exists())?;
     for step in &mut steps {
-        if let Step::Bind { source, .. } = step {
+        if let rootfs::Step::Bind { source, .. } = step {
             if let Some((_, f)) = held.iter().find(|(p, _)| p == source) {
                 *source = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
             }
         }
     }
     for step in &steps {
-        apply(step)?;
+        rootfs::apply(&rootfs::LinuxRoot, step)?;
     }
     std::env::set_current_dir(root)
         .map_err(|e| LauncherError::setup(format!("cannot enter {}", root.display()), e))?;
@@ -802,53 +671,6 @@ mod tests {
         );
         assert!("a:b".parse::<Bind>().unwrap_err().contains("absolute"));
         assert!(":/x".parse::<Bind>().is_err());
-    }
-
-    #[test]
-    fn the_plan_binds_the_root_first_and_skips_what_the_image_lacks() {
-        let root = Path::new("/t/r");
-        let binds = ["/data:/opt".parse::<Bind>().unwrap()];
-        let steps = plan(root, &binds, &|p| p != Path::new("/t/r/sys"), &|p| {
-            p == Path::new("/t/r/opt")
-        })
-        .unwrap();
-        let bind = |s: &str, t: &str| Step::Bind {
-            source: s.into(),
-            target: t.into(),
-        };
-        assert_eq!(
-            steps,
-            [
-                bind("/t/r", "/t/r"),
-                Step::ReadOnly("/t/r".into()),
-                bind("/proc", "/t/r/proc"),
-                bind("/dev", "/t/r/dev"),
-                Step::Tmpfs("/t/r/tmp".into()),
-                bind("/data", "/t/r/opt"),
-            ]
-        );
-        let all = plan(root, &[], &|_| true, &|_| true).unwrap();
-        assert!(all.contains(&Step::ReadOnly("/t/r/sys".into())));
-        let err = plan(root, &binds, &|_| true, &|_| false)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--bind /data:/opt"), "{err}");
-    }
-
-    #[test]
-    fn read_only_remounts_keep_locked_flags() {
-        let f = readonly_remount_flags(FsFlags::ST_NOSUID | FsFlags::ST_NODEV | FsFlags::ST_NOEXEC);
-        assert_eq!(
-            f,
-            MsFlags::MS_REMOUNT
-                | MsFlags::MS_BIND
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV
-                | MsFlags::MS_NOEXEC
-        );
-        let f = readonly_remount_flags(FsFlags::ST_RELATIME);
-        assert!(f.contains(MsFlags::MS_RELATIME) && !f.contains(MsFlags::MS_NOSUID));
     }
 
     #[test]

@@ -37,6 +37,14 @@ pub fn line_in<'a>(mountinfo: &'a str, path: &Path) -> Option<&'a str> {
         .find(|line| line.split(' ').nth(4).map(unescape).as_deref() == Some(path))
 }
 
+/// Every mount point in `mountinfo` text, in its order (parents before the mounts on them).
+pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4).map(unescape))
+        .collect()
+}
+
 /// The file system type on a mountinfo line: the field after the "-" separator that ends
 /// the optional fields.
 pub fn fs_type(line: &str) -> Option<&str> {
@@ -89,6 +97,14 @@ mod tests {
             .ends_with("/other ro"));
         assert_eq!(type_at("/tmp"), None);
         assert_eq!(fs_type("no separator"), None);
+    }
+
+    #[test]
+    fn lists_mount_points() {
+        assert_eq!(
+            mount_points(INFO),
+            ["/proc", "/tmp/a b", "/tmp/x", "/tmp/x"].map(PathBuf::from)
+        );
     }
 
     #[test]
