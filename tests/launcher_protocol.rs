@@ -395,6 +395,22 @@ fn a_server_killed_before_it_mounted_unmounts_nothing() {
     let blocker_pid = blocker.child.as_ref().unwrap().id() as i32;
     // SAFETY: plain kill(2) of the server this test started.
     assert_eq!(unsafe { libc::kill(blocker_pid, libc::SIGSTOP) }, 0);
+    // Every thread stopped: none can have taken the lookup below off the queue (a
+    // request taken but unanswered would hold the killed server until SIGCONT).
+    let stopped = || {
+        fs::read_dir(format!("/proc/{blocker_pid}/task"))
+            .unwrap()
+            .flatten()
+            .all(|t| {
+                let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                state.starts_with('T')
+            })
+    };
+    assert!(
+        wait_for(launcher_util::LIMIT, stopped),
+        "the blocker did not stop"
+    );
     // A path the stopped server was never asked about: looking it up waits for it.
     s.image = blocker.path("etc/hostname");
     let mut l = Launcher::start(&s, false, &[&t.path]);
