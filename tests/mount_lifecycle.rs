@@ -505,6 +505,8 @@ fn sifuse_umount_ends_the_daemon_and_can_detach_lazily() {
     assert_one_clear_line(&out, "cannot unmount");
 }
 
+/// User 65534 mounts through fusermount3 and unmounts with sifuse umount; then root
+/// unmounts the user's mount (which refuses root everything else).
 #[test]
 fn ordinary_users_mount_through_fusermount3() {
     require_mount();
@@ -527,7 +529,10 @@ fn ordinary_users_mount_through_fusermount3() {
          {nobody} cat {mnt}/{HELLO}
          if cat {mnt}/{HELLO} 2>/dev/null; then echo ROOT-READ; fi
          {nobody} {SIFUSE} umount {mnt}
-         echo UNMOUNTED"
+         echo UNMOUNTED
+         {nobody} {SIFUSE} mount {image} {mnt}
+         {SIFUSE} umount {mnt}
+         echo ROOT-UNMOUNTED"
     );
     let out = Command::new("unshare")
         .args(["-m", "--propagation", "private", "sh", "-c", &script])
@@ -548,6 +553,8 @@ fn ordinary_users_mount_through_fusermount3() {
     // Without allow_other, even root is refused.
     assert!(!stdout.contains("ROOT-READ"), "{stdout}");
     assert!(stdout.contains("UNMOUNTED"), "{stdout}");
+    // Root unmounts the user's mount, which refuses root every other access.
+    assert!(stdout.contains("ROOT-UNMOUNTED"), "{stdout}");
     assert!(
         wait_for(Duration::from_secs(5), || gone(&m)),
         "the user's daemon outlived its mount"

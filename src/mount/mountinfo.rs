@@ -37,12 +37,14 @@ pub fn line_in<'a>(mountinfo: &'a str, path: &Path) -> Option<&'a str> {
         .find(|line| line.split(' ').nth(4).map(unescape).as_deref() == Some(path))
 }
 
+/// The mount point on a mountinfo line.
+pub fn mount_point(line: &str) -> Option<PathBuf> {
+    line.split(' ').nth(4).map(unescape)
+}
+
 /// Every mount point in `mountinfo` text, in its order (parents before the mounts on them).
 pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4).map(unescape))
-        .collect()
+    mountinfo.lines().filter_map(mount_point).collect()
 }
 
 /// The file system type on a mountinfo line: the field after the "-" separator that ends

@@ -176,17 +176,27 @@ fn statx_of(fd: BorrowedFd<'_>, mask: libc::c_uint) -> io::Result<libc::statx> {
     Ok(st)
 }
 
-/// The identity of the mount `fd` lies on: the never-reused id where the kernel has one.
+/// The id mountinfo shows of the mount `fd` lies on, from /proc/self/fdinfo (Linux 3.15):
+/// it asks no file system anything, so neither a dead FUSE server nor a FUSE mount's
+/// refusal of callers other than its owner (statx is refused them) matters.
+fn fdinfo_mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("mnt_id:"))
+        .and_then(|id| id.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no mnt_id in /proc/self/fdinfo"))
+}
+
+/// The identity of the mount `fd` lies on: the never-reused id where the kernel has one
+/// (Linux 6.8) and the caller may stat the mount, else the id mountinfo shows. The same
+/// caller gets the same kind for the same mount each time.
 fn mount_id_of(fd: BorrowedFd<'_>) -> io::Result<MountId> {
     match statx_of(fd, libc::STATX_MNT_ID_UNIQUE) {
         Ok(st) => Ok(MountId {
             id: st.stx_mnt_id,
             unique: true,
         }),
-        Err(_) => statx_of(fd, libc::STATX_MNT_ID).map(|st| MountId {
-            id: st.stx_mnt_id,
-            unique: false,
-        }),
+        Err(_) => fdinfo_mount_id(fd).map(|id| MountId { id, unique: false }),
     }
 }
 
@@ -282,13 +292,24 @@ impl MountSyscalls for LinuxSyscalls {
             .open(target)?
             .into();
         let id = mount_id_of(fd.as_fd())?;
-        let (mountinfo_id, attributes) = statx_of(fd.as_fd(), libc::STATX_MNT_ID)
-            .map(|st| (st.stx_mnt_id, st.stx_attributes))?;
+        let mountinfo_id = fdinfo_mount_id(fd.as_fd())?;
+        // Asking for nothing: a FUSE mount answers even callers it refuses (with no
+        // attributes), and the kernel still says whether this is the mount's root (Linux
+        // 5.8; before, mountinfo says where that mount is).
+        let st = statx_of(fd.as_fd(), 0)?;
+        let mount_root = libc::STATX_ATTR_MOUNT_ROOT as u64;
+        let is_root = if st.stx_attributes_mask & mount_root != 0 {
+            st.stx_attributes & mount_root != 0
+        } else {
+            super::mountinfo::line_of(mountinfo_id)?
+                .and_then(|line| super::mountinfo::mount_point(&line))
+                .is_some_and(|point| point == target)
+        };
         Ok(PinnedMount {
             path: target.to_path_buf(),
             id,
             mountinfo_id,
-            is_root: attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0,
+            is_root,
             fd: Some(fd),
         })
     }
