@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use craft::{build, Node, Options, XattrBomb};
 use mount_util::hammer::peak_rss;
-use mount_util::{can_mount, scratch, KernelMount, SifuseMount};
+use mount_util::{require_mount, scratch, KernelMount, SifuseMount};
 use sifuse::source::CountingSource;
 use sifuse::{Archive, Error};
 
@@ -118,7 +118,7 @@ fn block_list_bomb(files: usize) -> Vec<u8> {
 /// The crafted images are what the kernel reads: the writer is checked against the oracle.
 #[test]
 fn craft_selfcheck() {
-    assert!(can_mount(), "needs root and /dev/fuse");
+    require_mount();
     let dir = scratch("craft");
     let tree = Node::dir([
         (b"big".to_vec(), empty_files("e", 3000)),
@@ -204,7 +204,7 @@ fn an_xattr_bomb_is_read_lazily_and_bounded() {
 
 #[test]
 fn a_mounted_xattr_bomb_answers_within_the_budget() {
-    assert!(can_mount(), "needs root and /dev/fuse");
+    require_mount();
     let dir = scratch("xbomb");
     let img = write_image(dir.path(), "xbomb.sqfs", &xattr_bomb());
     let m = SifuseMount::daemon(&img, &[]);
@@ -247,7 +247,7 @@ fn block_lists_are_decoded_as_reads_need_them() {
 
 #[test]
 fn a_mounted_block_list_bomb_stays_within_the_budget() {
-    assert!(can_mount(), "needs root and /dev/fuse");
+    require_mount();
     let dir = scratch("lbomb");
     let img = write_image(dir.path(), "lbomb.sqfs", &block_list_bomb(48));
     let m = SifuseMount::daemon(&img, &[]);
@@ -354,7 +354,7 @@ fn source_bytes(s: &CountingSource<Vec<u8>>) -> Vec<u8> {
 /// Two directories of a million entries each, each listed twice at once.
 #[test]
 fn huge_directories_listed_at_once_stay_within_the_budget() {
-    assert!(can_mount(), "needs root and /dev/fuse");
+    require_mount();
     const N: usize = 1_000_000;
     let dir = scratch("hugedir");
     let bytes = build(
@@ -391,7 +391,7 @@ fn huge_directories_listed_at_once_stay_within_the_budget() {
 /// the inode numbers the kernel's own driver shows (only d_ino of such entries differs).
 #[test]
 fn more_nodes_than_the_table_holds_keep_their_inode_numbers() {
-    assert!(can_mount(), "needs root and /dev/fuse");
+    require_mount();
     const N: usize = 20_000;
     let dir = scratch("nodes");
     let bytes = build(

@@ -48,12 +48,26 @@ fn reply_xattr(reply: ReplyXattr, size: u32, value: Result<Vec<u8>, Errno>) {
     }
 }
 
+/// Answer EACCES and return when the mount does not admit the caller (see
+/// [`access`](super::access)). Requests the kernel sends on behalf of a file already open
+/// (reads, directory reads, releases) or on no one's behalf (forgets) are not checked, as
+/// in libfuse: opening was.
+macro_rules! admit {
+    ($self:ident, $req:ident, $reply:ident) => {
+        if !$self.callers.admits($req.uid()) {
+            tracing::debug!("refused a request from uid {} (EACCES)", $req.uid());
+            return $reply.error(Errno::EACCES);
+        }
+    };
+}
+
 /// Requests answered with one fixed errno, whatever they carry: one line each.
 macro_rules! answer_every {
     ($($errno:expr => fn $name:ident($($arg:ident: $ty:ty),*) -> $reply:ty;)*) => {
         $(
-            fn $name(&self, _req: &Request, $($arg: $ty,)* reply: $reply) {
+            fn $name(&self, req: &Request, $($arg: $ty,)* reply: $reply) {
                 $(let _ = $arg;)*
+                admit!(self, req, reply);
                 self.serve(stringify!($name), || reply.error($errno))
             }
         )*
@@ -82,7 +96,8 @@ impl Filesystem for ArchiveFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        admit!(self, req, reply);
         self.serve("lookup", || {
             match self.lookup_entry(parent, name.as_bytes()) {
                 Ok(Some((attr, attr_ttl))) => {
@@ -98,7 +113,8 @@ impl Filesystem for ArchiveFs {
         self.serve("forget", || self.nodes.forget(ino.0, nlookup))
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        admit!(self, req, reply);
         self.serve("getattr", || {
             match self
                 .inode_of("getattr", ino)
@@ -110,7 +126,8 @@ impl Filesystem for ArchiveFs {
         })
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        admit!(self, req, reply);
         self.serve("readlink", || match self.inode_of("readlink", ino) {
             Ok(inode) => match inode.symlink_target() {
                 Some(target) => reply.data(target),
@@ -120,7 +137,8 @@ impl Filesystem for ArchiveFs {
         })
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        admit!(self, req, reply);
         if self.opens == Opens::Unasked {
             // The mount is read-only, so the kernel itself refuses opens for writing.
             return self.serve("open", || reply.error(Errno::ENOSYS));
@@ -181,7 +199,8 @@ impl Filesystem for ArchiveFs {
         })
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        admit!(self, req, reply);
         if self.opens == Opens::Unasked {
             return self.serve("opendir", || reply.error(Errno::ENOSYS));
         }
@@ -245,7 +264,8 @@ impl Filesystem for ArchiveFs {
         })
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        admit!(self, req, reply);
         self.serve("statfs", || {
             let s = self.archive.statfs();
             // Nothing is free on a read-only image; f_frsize is f_bsize, as the kernel
@@ -263,20 +283,23 @@ impl Filesystem for ArchiveFs {
         })
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        admit!(self, req, reply);
         self.serve("getxattr", || {
             reply_xattr(reply, size, self.xattr_value(ino, name.as_bytes()))
         })
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        admit!(self, req, reply);
         let uid = req.uid();
         self.serve("listxattr", || {
             reply_xattr(reply, size, self.xattr_names(ino, uid))
         })
     }
 
-    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+    fn access(&self, req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        admit!(self, req, reply);
         // Called only without default_permissions, where mode bits are not enforced; the
         // kernel refuses W_OK on the read-only mount itself.
         self.serve("access", || reply.ok())

@@ -12,6 +12,7 @@
 //! decoded inode is kept per node, nodes cost nothing with an export table and at most a
 //! fixed table without one, and read-ahead state is kept for a bounded number of files.
 
+pub mod access;
 pub mod activity;
 pub mod attr;
 mod dispatch;
@@ -35,6 +36,7 @@ use fuser::{
 use crate::archive::readahead::{ReadAhead, Stream};
 use crate::archive::{Archive, EntryRef, FileBytes, FileKind, Inode};
 
+use access::Callers;
 use activity::Activity;
 use attr::{bare_dir_attr, file_attr, file_type};
 use handles::{HandleTable, OpenFile};
@@ -89,6 +91,11 @@ pub struct ArchiveFs {
     pusher: Arc<Pusher>,
     owners: Owners,
     activity: Arc<Activity>,
+    /// Who the server answers (see [`access`]).
+    callers: Callers,
+    /// How long the kernel may keep attributes: [`CACHE_TTL`], or zero under
+    /// [`ArchiveFs::revalidate_every_access`].
+    attr_ttl: Duration,
 }
 
 impl std::fmt::Debug for ArchiveFs {
@@ -161,7 +168,21 @@ impl ArchiveFs {
             dirs: HandleTable::default(),
             owners,
             activity,
+            callers: Callers::Anyone,
+            attr_ttl: CACHE_TTL,
         })
+    }
+
+    /// Answer only `callers`; every other caller's request is refused with EACCES.
+    pub fn admit_only(&mut self, callers: Callers) {
+        self.callers = callers;
+    }
+
+    /// Let the kernel keep no attributes, so that with default_permissions every access
+    /// (each directory a path walk passes, every stat) asks this server with the caller's
+    /// ids: for a mount the server must refuse some callers of ([`access`]).
+    pub fn revalidate_every_access(&mut self) {
+        self.attr_ttl = Duration::ZERO;
     }
 
     /// What pushes small files into the page cache; it pushes once connected to the
@@ -267,7 +288,7 @@ impl ArchiveFs {
         let ttl = if handed.displaced {
             Duration::ZERO
         } else {
-            CACHE_TTL
+            self.attr_ttl
         };
         Ok((
             file_attr(inode, handed.node, blocks, &self.owners),
