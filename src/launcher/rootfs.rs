@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::MsFlags;
 use nix::sys::statvfs::FsFlags;
 
-use super::run::Bind;
+use super::Bind;
 use super::LauncherError;
 
 /// One step of building the container's root, in order.
@@ -133,7 +133,7 @@ pub trait RootSyscalls {
 
 /// Make the trees topped by `tops` read-only: a tree at once with mount_setattr where the
 /// kernel has it, else one remount per mount that mountinfo shows in it.
-fn read_only_trees(sys: &dyn RootSyscalls, tops: &[PathBuf]) -> io::Result<()> {
+fn read_only_trees<S: RootSyscalls + ?Sized>(sys: &S, tops: &[PathBuf]) -> io::Result<()> {
     for top in tops {
         match sys.set_read_only(top, true) {
             Ok(()) => {}
@@ -150,7 +150,7 @@ fn read_only_trees(sys: &dyn RootSyscalls, tops: &[PathBuf]) -> io::Result<()> {
 }
 
 /// The topmost mounts strictly below `target`: each is the top of a tree below it.
-fn trees_below(sys: &dyn RootSyscalls, target: &Path) -> io::Result<Vec<PathBuf>> {
+fn trees_below<S: RootSyscalls + ?Sized>(sys: &S, target: &Path) -> io::Result<Vec<PathBuf>> {
     let mut tops: Vec<PathBuf> = Vec::new();
     for mount in sys.mount_points_under(target)? {
         if mount != target && !tops.iter().any(|t| mount.starts_with(t)) {
@@ -161,7 +161,7 @@ fn trees_below(sys: &dyn RootSyscalls, target: &Path) -> io::Result<Vec<PathBuf>
 }
 
 /// Make one step.
-pub fn apply(sys: &dyn RootSyscalls, step: &Step) -> Result<(), LauncherError> {
+pub fn apply<S: RootSyscalls + ?Sized>(sys: &S, step: &Step) -> Result<(), LauncherError> {
     match step {
         Step::Bind { source, target } => sys.bind(source, target).map_err(|e| {
             LauncherError::setup(

@@ -19,6 +19,8 @@ use std::process::{Command, Stdio};
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
 
+use super::spec::MountSpec;
+
 /// The FUSE device.
 pub const FUSE_DEVICE: &str = "/dev/fuse";
 
@@ -71,18 +73,16 @@ pub trait MountSyscalls: Send + Sync {
     fn user_and_group(&self) -> (u32, u32);
     /// Open /dev/fuse for reading and writing.
     fn open_fuse_device(&self) -> io::Result<OwnedFd>;
-    /// Mount read-only with `flags` and mount(2)-style `data`, as mount(2) would, and
-    /// return the new mount's identity. `created` hears it before the mount is attached
-    /// at `target` where the kernel allows (the new mount API: the mount is made detached,
-    /// then moved there), right after otherwise: whoever must clean up after a crash
-    /// learns it before anyone can see the mount.
+    /// Mount `spec` read-only at `target`, served through the /dev/fuse descriptor
+    /// `fuse`, as mount(2) would, and return the new mount's identity. `created` hears it
+    /// before the mount is attached at `target` where the kernel allows (the new mount
+    /// API: the mount is made detached, then moved there), right after otherwise: whoever
+    /// must clean up after a crash learns it before anyone can see the mount.
     fn mount(
         &self,
-        source: &str,
+        spec: &MountSpec,
+        fuse: BorrowedFd<'_>,
         target: &Path,
-        fstype: &str,
-        flags: MountFlags,
-        data: &str,
         created: &mut dyn FnMut(MountId),
     ) -> io::Result<MountId>;
     /// Hold the mount on top of `target` and tell which it is, without asking its file
@@ -252,14 +252,12 @@ impl MountSyscalls for LinuxSyscalls {
 
     fn mount(
         &self,
-        source: &str,
+        spec: &MountSpec,
+        fuse: BorrowedFd<'_>,
         target: &Path,
-        fstype: &str,
-        flags: MountFlags,
-        data: &str,
         created: &mut dyn FnMut(MountId),
     ) -> io::Result<MountId> {
-        match super::detached::create_from_data(source, fstype, flags, data) {
+        match super::detached::create(fuse, spec) {
             Ok(mount) => {
                 let id = mount_id_of(mount.as_fd())?;
                 created(id);
@@ -269,11 +267,11 @@ impl MountSyscalls for LinuxSyscalls {
             // Before Linux 5.2: mount(2), and the identity found at the path at once.
             Err(e) if e.is_unsupported() => {
                 nix::mount::mount(
-                    Some(source),
+                    Some(spec.source.as_str()),
                     target,
-                    Some(fstype),
-                    flags.to_ms_flags(),
-                    Some(data),
+                    Some(spec.fstype().as_str()),
+                    spec.flags.to_ms_flags(),
+                    Some(spec.mount_data(fuse.as_raw_fd()).as_str()),
                 )?;
                 let id = self.pin_mount(target)?.id;
                 created(id);

@@ -139,6 +139,8 @@ pub fn inherited_fd(path: &Path) -> Option<i32> {
         .or_else(|| s.strip_prefix("/dev/fd/"))?;
     let fd: i32 = n.parse().ok()?;
     // Only a descriptor that is actually open in this process.
+    // SAFETY: fcntl(F_GETFD) on a number reads and writes no memory; it fails with EBADF
+    // when nothing is open there.
     let valid = unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
     valid.then_some(fd)
 }
