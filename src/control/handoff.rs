@@ -177,7 +177,10 @@ impl Role for ServeFd {
         let fd = control.as_raw_fd();
         let fuse = recv_line_within(&control, SERVE_FD_WAIT)
             .and_then(expect_serve_fd)
-            .map_err(|reason| tell_error(&mut control, ControlError::Control { fd, reason }))?;
+            .map_err(|reason| ControlError::Control {
+                fd,
+                reason: tell_error(&mut control, reason),
+            })?;
         self.control = Some(control);
         Ok(Connection::Descriptor(fuse))
     }
