@@ -320,10 +320,14 @@ impl HttpClient {
 /// What a failure to get any answer means.
 fn transport_failure(what: &str, e: ureq::Error) -> Failure {
     use ureq::Error as E;
+    let tls = |e: &ureq::Error| {
+        Failure::refused(format!(
+            "{what}: TLS failed: {e} (a server that speaks plain HTTP needs an http:// URL, or \
+             --no-https for a registry)"
+        ))
+    };
     match e {
-        E::Tls(_) | E::Rustls(_) | E::Pem(_) | E::TlsRequired => {
-            Failure::refused(format!("{what}: TLS failed: {e}"))
-        }
+        E::Tls(_) | E::Rustls(_) | E::Pem(_) | E::TlsRequired => tls(&e),
         E::BadUri(_) | E::Http(_) | E::RequireHttpsOnly(_) | E::InvalidProxyUrl => {
             Failure::refused(format!("{what}: {e}"))
         }
@@ -333,7 +337,7 @@ fn transport_failure(what: &str, e: ureq::Error) -> Failure {
                 .get_ref()
                 .is_some_and(|inner| inner.is::<rustls::Error>()) =>
         {
-            Failure::refused(format!("{what}: TLS failed: {e}"))
+            tls(&e)
         }
         E::HostNotFound => Failure::retry(format!("{what}: host not found")),
         other => Failure::retry(format!("{what}: {other}")),

@@ -567,15 +567,15 @@ impl RegistryAuth {
                     .filter(|t| !t.is_empty())
             })
             .ok_or_else(|| Failure::retry(format!("the token service {url} answered no token")))?;
-        // The spec's default lifetime is 60 s; refresh a little before the end.
+        // The spec's default lifetime is 60 s. Refresh 10 s before the end, or half-way
+        // through a shorter life; a 401 still brings a new token if this was not early enough.
         let lifetime = Duration::from_secs(
             json.get("expires_in")
                 .and_then(|e| e.as_u64())
                 .unwrap_or(60),
         );
-        let refresh_at = Instant::now()
-            .checked_add(lifetime.saturating_sub(lifetime.min(Duration::from_secs(10))))
-            .filter(|_| lifetime > Duration::ZERO);
+        let refresh_at =
+            Instant::now().checked_add(lifetime - (lifetime / 2).min(Duration::from_secs(10)));
         Ok(AuthState::Bearer {
             authorization: format!("Bearer {token}"),
             refresh_at,

@@ -180,3 +180,46 @@ impl ObjectStore for S3Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::remote::Environment;
+
+    fn store(bucket: &str, key: &str, env: Environment) -> S3Store {
+        S3Store::new(
+            S3Location {
+                bucket: bucket.into(),
+                key: key.into(),
+            },
+            &StoreConfig::new(env),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn aws_is_addressed_by_virtual_host_and_custom_endpoints_by_path() {
+        let env = Environment::empty().with("AWS_REGION", "eu-central-1");
+        let s = store("images", "dir/a b+c.sif", env.clone());
+        assert_eq!(
+            crate::source::remote::url::wire_url(&s.url),
+            "https://images.s3.eu-central-1.amazonaws.com/dir/a%20b%2Bc.sif"
+        );
+        // Dots would break the TLS wildcard: path style.
+        let s = store("my.images", "k", env.clone());
+        assert_eq!(
+            crate::source::remote::url::wire_url(&s.url),
+            "https://s3.eu-central-1.amazonaws.com/my.images/k"
+        );
+        let s = store(
+            "images",
+            "k.sif",
+            env.with("AWS_ENDPOINT_URL", "http://127.0.0.1:9000/prefix/"),
+        );
+        assert_eq!(
+            crate::source::remote::url::wire_url(&s.url),
+            "http://127.0.0.1:9000/prefix/images/k.sif"
+        );
+        assert_eq!(s.describe(), "s3://images/k.sif");
+    }
+}
