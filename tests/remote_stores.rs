@@ -130,9 +130,13 @@ fn a_server_that_ignores_range_is_refused_without_being_read_whole() {
 fn a_changed_object_answers_changed_and_never_bytes_of_the_new_one() {
     let data = pattern(1 << 20, 3);
     let (root, nginx) = nginx_with(&data);
-    let store = open(&nginx.url("/image.sif"), &test_config());
+    let proxy = FaultProxy::forward_to(nginx.addr());
+    let store = open(&format!("{}/image.sif", proxy.url()), &test_config());
     let v1 = version(&store).unwrap();
     assert_eq!(read(&store, &v1, 100, 100).unwrap(), data[100..200]);
+    // Reads are conditional on the version, so the server itself refuses another one.
+    let log = proxy.requests();
+    assert_eq!(log[1].header("if-match"), Some(v1.validator.as_str()));
 
     // Same length, other bytes, another mtime: another ETag.
     let new = pattern(1 << 20, 4);
@@ -317,7 +321,9 @@ fn a_wrong_content_range_is_retried_and_never_served() {
     let f = faulty(15);
     f.recovers_from(Fault::ShiftContentRange(1), 1);
     f.recovers_from(Fault::ShiftContentRange(-1), 1);
-    f.gives_up_on(Fault::ShiftContentRange(4096), "Content-Range");
+    f.recovers_from(Fault::ShiftRange(4), 1);
+    f.recovers_from(Fault::ShiftRange(-4321), 1);
+    f.gives_up_on(Fault::ShiftRange(4096), "Content-Range");
 }
 
 #[test]
@@ -780,6 +786,7 @@ fn registry_faults_recover_or_fail_cleanly() {
         Fault::TruncateBody(100),
         Fault::OkInsteadOfPartial,
         Fault::ShiftContentRange(2),
+        Fault::ShiftRange(8),
         Fault::status(502),
     ] {
         front.next(fault.clone());

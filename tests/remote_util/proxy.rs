@@ -37,8 +37,12 @@ pub enum Fault {
     StallBody(usize),
     /// Forward it; turn a 206 into a 200 without Content-Range, body unchanged.
     OkInsteadOfPartial,
-    /// Forward it; move both ends of the Content-Range by this many bytes, body unchanged.
+    /// Forward it; move both ends of the Content-Range by this many bytes, body unchanged
+    /// (a label that lies).
     ShiftContentRange(i64),
+    /// Forward it with both ends of its Range moved by this many bytes: the answer is
+    /// another range, labelled truthfully (a cache that served the wrong piece).
+    ShiftRange(i64),
     /// Forward it without its Authorization header (what an expired token amounts to: the
     /// origin answers 401 with its challenge).
     StripAuthorization,
@@ -530,6 +534,20 @@ fn handle(
         }
         _ => {}
     }
+    let shifted;
+    let head = match fault {
+        Fault::ShiftRange(by) => {
+            let mut h = head.clone();
+            for (k, v) in h.headers.iter_mut() {
+                if k.eq_ignore_ascii_case("range") {
+                    *v = shift_range_request(v, *by);
+                }
+            }
+            shifted = h;
+            &shifted
+        }
+        _ => head,
+    };
     let mut upstream = match fetch(shared, head, matches!(fault, Fault::StripAuthorization)) {
         Ok(u) => u,
         Err(e) => {
@@ -629,6 +647,17 @@ fn shift_range(v: &str, by: i64) -> String {
             (a + by).max(0),
             (b + by).max(0)
         ))
+    };
+    parse().unwrap_or_else(|| v.to_string())
+}
+
+/// `bytes=A-B` with A and B moved by `by`.
+fn shift_range_request(v: &str, by: i64) -> String {
+    let parse = || -> Option<String> {
+        let (a, b) = v.trim().strip_prefix("bytes=")?.split_once('-')?;
+        let a: i64 = a.parse().ok()?;
+        let b: i64 = b.parse().ok()?;
+        Some(format!("bytes={}-{}", (a + by).max(0), (b + by).max(0)))
     };
     parse().unwrap_or_else(|| v.to_string())
 }
