@@ -54,7 +54,7 @@ pub fn scratch(prefix: &str) -> tempfile::TempDir {
 pub fn test_config() -> StoreConfig {
     let mut c = StoreConfig::new(Environment::empty());
     c.connect_timeout = Duration::from_secs(2);
-    c.idle_timeout = Duration::from_secs(1);
+    c.idle_timeout = Duration::from_secs(2);
     c.request_timeout = Duration::from_secs(10);
     c.retry = RetryPolicy {
         attempts: 5,

@@ -469,7 +469,10 @@ pub struct S3Server {
 
 impl S3Server {
     pub fn start() -> S3Server {
-        let python = program("python3", "python3");
+        // scripts/test.sh names the python that has moto when python3 does not.
+        let python = std::env::var_os("SIFUSE_TEST_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| program("python3", "python3"));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/remote_util/s3_server.py");
         let dir = scratch("s3");
         let log = dir.path().join("s3.log");

@@ -102,6 +102,9 @@ impl Answer {
     /// body shorter or longer than asked for.
     pub fn read_partial(mut self, offset: u64, buf: &mut [u8], total: u64) -> Result<(), Failure> {
         let url = self.url.clone();
+        if buf.is_empty() {
+            return Err(Failure::refused(format!("{url}: a read of no bytes")));
+        }
         if self.status == 200 {
             return Err(Failure::retry(format!(
                 "{url} answered 200 (the whole object) to a Range request"
