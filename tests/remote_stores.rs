@@ -84,6 +84,13 @@ fn http_reads_exact_ranges_at_the_etag_version() {
     let (_root, nginx) = nginx_with(&data);
     let store = open(&nginx.url("/image.sif"), &test_config());
     assert_eq!(store.describe(), nginx.url("/image.sif"));
+    // Objects told apart only by their query have one description but two identities.
+    let a = open(&nginx.url("/image.sif?x=1"), &test_config());
+    let b = open(&nginx.url("/image.sif?x=2"), &test_config());
+    assert_eq!(a.describe(), b.describe());
+    assert!(!a.describe().contains("x=1"));
+    assert_ne!(a.identity(), b.identity());
+    assert!(!a.identity().contains("x=1"));
     let v = version(&store).unwrap();
     assert_eq!(v.len, data.len() as u64);
     assert!(v.validator.starts_with('"'), "an ETag: {}", v.validator);
@@ -177,8 +184,13 @@ fn url_credentials_go_to_their_origin_only_and_are_never_shown() {
     assert!(!store.describe().contains("s3cret") && !store.describe().contains("alice"));
     let v = version(&store).unwrap();
     assert_eq!(read(&store, &v, 10, 1000).unwrap(), data[10..1010]);
-
     let basic = remote_util::servers::basic("alice", "s3cret");
+    let shown = format!("{store:?} {}", store.identity());
+    assert!(
+        !shown.contains("s3cret") && !shown.contains(&basic[6..]),
+        "{shown}"
+    );
+
     assert!(origin
         .requests()
         .iter()
@@ -575,6 +587,11 @@ fn bearer_tokens_are_fetched_with_credentials_and_refreshed_on_a_401() {
 
     let tokens = registry.token_requests();
     assert_eq!(tokens.len(), 1, "{tokens:?}");
+    let shown = format!("{store:?}");
+    assert!(
+        !shown.contains("token-1") && !shown.contains("t0ken-pw"),
+        "{shown}"
+    );
     assert_eq!(
         tokens[0].header("authorization"),
         Some(remote_util::servers::basic("robot", "t0ken-pw").as_str())

@@ -135,6 +135,14 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// The object's address for messages, without credentials.
     fn describe(&self) -> String;
 
+    /// A name that differs whenever the address does, for keying caches: two objects never
+    /// share one, although [`describe`](ObjectStore::describe) may hide what tells them
+    /// apart (an HTTP query, which can hold a signature). Never shown to users; holds no
+    /// credentials. By default, the description.
+    fn identity(&self) -> String {
+        self.describe()
+    }
+
     /// The object's current version (one request).
     fn version(&self) -> Result<ObjectVersion, RemoteError>;
 

@@ -139,6 +139,12 @@ impl ObjectStore for S3Store {
         format!("s3://{}/{}", self.location.bucket, self.location.key)
     }
 
+    /// The request URL: the same bucket and key at another endpoint or region is another
+    /// object.
+    fn identity(&self) -> String {
+        super::url::wire_url(&self.url)
+    }
+
     fn version(&self) -> Result<ObjectVersion, RemoteError> {
         let what = format!("GET {}", self.describe());
         retry::run(&self.retry, &SystemClock, &what, || {
