@@ -87,10 +87,9 @@ impl ObjectStore for HttpStore {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), RemoteError> {
-        if buf.is_empty() {
+        let Some(end) = check_bounds(version, offset, buf.len(), &self.describe())? else {
             return Ok(());
-        }
-        let end = check_bounds(version, offset, buf.len(), &self.describe())?;
+        };
         let mut headers = vec![("range".to_string(), format!("bytes={offset}-{end}"))];
         match condition_of(&version.validator) {
             Condition::IfMatch(etag) => headers.push(("if-match".into(), etag.into())),
@@ -144,17 +143,18 @@ pub(crate) fn probe_length(answer: &Answer, url: &HttpUrl) -> Result<u64, Failur
     }
 }
 
-/// Whether `offset..offset+len` lies in the object; its last byte's offset.
+/// Whether `offset..offset+len` lies in the object: the offset of its last byte, or `None`
+/// for an empty range (nothing to fetch).
 pub(crate) fn check_bounds(
     version: &ObjectVersion,
     offset: u64,
     len: usize,
     what: &str,
-) -> Result<u64, RemoteError> {
+) -> Result<Option<u64>, RemoteError> {
     offset
         .checked_add(len as u64)
         .filter(|&end| end <= version.len)
-        .map(|end| end - 1)
+        .map(|end| (len > 0).then(|| end - 1))
         .ok_or_else(|| {
             RemoteError::Refused(format!(
                 "{what}: a read of {len} bytes at {offset} lies outside the {}-byte object",

@@ -170,13 +170,12 @@ impl ObjectStore for OciStore {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), RemoteError> {
-        if buf.is_empty() {
-            return Ok(());
-        }
         validate_digest(&version.validator)
             .map_err(|e| RemoteError::Refused(format!("{}: {e}", self.describe())))?;
         let digest = &version.validator;
-        let end = check_bounds(version, offset, buf.len(), &self.describe())?;
+        let Some(end) = check_bounds(version, offset, buf.len(), &self.describe())? else {
+            return Ok(());
+        };
         let url = self
             .base
             .with_path(&format!("/v2/{}/blobs/{digest}", self.repository));

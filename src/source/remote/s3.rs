@@ -173,10 +173,9 @@ impl ObjectStore for S3Store {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), RemoteError> {
-        if buf.is_empty() {
+        let Some(end) = check_bounds(version, offset, buf.len(), &self.describe())? else {
             return Ok(());
-        }
-        let end = check_bounds(version, offset, buf.len(), &self.describe())?;
+        };
         let range = format!("bytes={offset}-{end}");
         let what = format!("GET {} bytes {offset}-{end}", self.describe());
         retry::run(&self.retry, &SystemClock, &what, || {
