@@ -18,7 +18,6 @@ use super::{ObjectStore, ObjectVersion, RemoteError, StoreConfig};
 const LAST_MODIFIED: &str = "last-modified ";
 
 /// An object at an `http://` or `https://` URL.
-#[derive(Debug)]
 pub struct HttpStore {
     client: HttpClient,
     url: HttpUrl,
@@ -26,6 +25,17 @@ pub struct HttpStore {
     authorization: Option<String>,
     retry: RetryPolicy,
     redirect: RedirectMemo,
+}
+
+impl std::fmt::Debug for HttpStore {
+    /// The URL without credentials, and whether there are some.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpStore")
+            .field("url", &self.url)
+            .field("credentials", &self.authorization.is_some())
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HttpStore {
@@ -59,6 +69,17 @@ impl HttpStore {
 impl ObjectStore for HttpStore {
     fn describe(&self) -> String {
         self.url.to_string()
+    }
+
+    /// The URL with its query (where presigned URLs keep their signature) as a digest.
+    fn identity(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let url = super::url::wire_url(&self.url);
+        format!(
+            "{} {}",
+            self.url,
+            super::sigv4::hex(&Sha256::digest(url.as_bytes()))
+        )
     }
 
     fn version(&self) -> Result<ObjectVersion, RemoteError> {
@@ -274,7 +295,15 @@ impl RedirectMemo {
             .filter(|(k, _)| *k == key)
             .map(|(_, u)| u.clone());
         if let Some(location) = remembered {
-            let answer = fetch(&location)?;
+            let answer = match fetch(&location) {
+                Ok(a) => a,
+                Err(e) => {
+                    // Storage unreachable: the next attempt asks the origin, which may know
+                    // another place.
+                    *self.lock() = None;
+                    return Err(e);
+                }
+            };
             if !matches!(answer.status, 401 | 403 | 404 | 410) {
                 return Ok(answer);
             }

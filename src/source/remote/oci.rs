@@ -129,6 +129,11 @@ impl ObjectStore for OciStore {
         self.location.to_string()
     }
 
+    /// The repository (its versions are blob digests, whatever tag led to them).
+    fn identity(&self) -> String {
+        format!("oras://{}/{}", self.base.authority(), self.repository)
+    }
+
     fn version(&self) -> Result<ObjectVersion, RemoteError> {
         let url = self.manifest_url();
         let what = format!("GET the manifest of {}", self.describe());
@@ -401,7 +406,7 @@ fn quoted(b: &[u8], i: &mut usize) -> String {
 }
 
 /// What the registry accepts from us now.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum AuthState {
     Anonymous,
     Basic(String),
@@ -411,6 +416,26 @@ enum AuthState {
         refresh_at: Option<Instant>,
         challenge: Challenge,
     },
+}
+
+impl std::fmt::Debug for AuthState {
+    /// Never the token or the credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthState::Anonymous => write!(f, "Anonymous"),
+            AuthState::Basic(_) => write!(f, "Basic(<hidden>)"),
+            AuthState::Bearer {
+                refresh_at,
+                challenge,
+                ..
+            } => f
+                .debug_struct("Bearer")
+                .field("token", &"<hidden>")
+                .field("refresh_at", refresh_at)
+                .field("realm", &challenge.param("realm"))
+                .finish(),
+        }
+    }
 }
 
 /// A registry's authentication: credentials looked up once, at the first challenge, and
