@@ -226,6 +226,16 @@ fn a_remembered_redirect_that_expires_goes_back_to_the_origin() {
     storage.next(Fault::status(403));
     assert_eq!(read(&store, &v, 200, 100).unwrap(), data[200..300]);
     assert_eq!(origin.requests().len(), asked_origin + 1);
+    // That storage goes away; the origin now sends readers elsewhere.
+    drop(storage);
+    let elsewhere = FaultProxy::forward_to(nginx.addr());
+    origin.set_default(Fault::redirect(&format!(
+        "{}/image.sif?sig=2",
+        elsewhere.url()
+    )));
+    assert_eq!(read(&store, &v, 300, 100).unwrap(), data[300..400]);
+    assert_eq!(origin.requests().len(), asked_origin + 2);
+    assert_eq!(elsewhere.requests().len(), 1);
 }
 
 /// A store behind a fault proxy in front of nginx, its version taken before any fault.
