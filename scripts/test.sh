@@ -27,6 +27,7 @@ declare -A need=(
   # Servers of the remote-image tests (tests/remote_util).
   [nginx]=nginx-light
   [docker-registry]=docker-registry
+  [openssl]=openssl
 )
 missing=()
 for cmd in "${!need[@]}"; do

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use remote_util::proxy::{FaultProxy, Match};
 use remote_util::servers::{
-    digest_of, Nginx, Registry, RegistryAuth, S3Server, HTPASSWD_PASSWORD, HTPASSWD_USER,
+    digest_of, Nginx, Registry, RegistryAuth, S3Server, TestCa, HTPASSWD_PASSWORD, HTPASSWD_USER,
 };
 use remote_util::{pattern, scratch, test_config, within};
 use sifuse::source::remote::{
@@ -95,6 +95,50 @@ fn http_reads_exact_ranges_at_the_etag_version() {
     assert_eq!(v.len, data.len() as u64);
     assert!(v.validator.starts_with('"'), "an ETag: {}", v.validator);
     check_ranges(&store, &v, &data);
+}
+
+#[test]
+fn https_trusts_the_named_ca_bundle_and_refuses_unknown_certificates_at_once() {
+    let data = pattern(256 << 10, 7);
+    let root = scratch("www");
+    std::fs::write(root.path().join("image.sif"), &data).unwrap();
+    let ca = TestCa::new();
+    let nginx = Nginx::serve_tls(root.path(), &ca);
+    let url = format!("https://127.0.0.1:{}/image.sif", nginx.port);
+
+    let mut config = test_config();
+    config.ca_file = Some(ca.ca.clone());
+    let store = open(&url, &config);
+    let v = version(&store).unwrap();
+    assert_eq!(read(&store, &v, 1, 1000).unwrap(), data[1..1001]);
+
+    // The same bundle named by SSL_CERT_FILE.
+    let mut config = test_config();
+    config.env = Environment::empty().with("SSL_CERT_FILE", ca.ca.to_str().unwrap());
+    let store = open(&url, &config);
+    assert_eq!(version(&store).unwrap(), v);
+
+    // Trusting only the usual roots: refused, not retried, and the message says what to do.
+    let started = Instant::now();
+    let store = open(&url, &test_config());
+    match version(&store) {
+        Err(RemoteError::Refused(m)) => {
+            assert!(m.contains("TLS") && m.contains("SSL_CERT_FILE"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "retried a bad certificate"
+    );
+
+    // A bundle that is not one is an error when the store is opened.
+    let mut config = test_config();
+    config.ca_file = Some(root.path().join("image.sif"));
+    assert!(matches!(
+        open_store(&url, &config),
+        Err(RemoteError::Refused(m)) if m.contains("no PEM certificate")
+    ));
 }
 
 #[test]

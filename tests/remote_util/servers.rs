@@ -68,14 +68,127 @@ pub struct Nginx {
 
 /// What an nginx instance serves.
 enum NginxRole<'a> {
-    Files { root: &'a Path, ranges: bool },
-    CachingProxy { origin: &'a str },
+    Files {
+        root: &'a Path,
+        ranges: bool,
+        tls: Option<&'a TestCa>,
+    },
+    CachingProxy {
+        origin: &'a str,
+    },
+}
+
+/// A certificate authority made for a test, and a server certificate it signed for
+/// 127.0.0.1 (what a site's own CA and its servers are).
+pub struct TestCa {
+    _dir: tempfile::TempDir,
+    /// The CA certificate (PEM): what a client must trust.
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let openssl = program("openssl", "openssl");
+        let dir = scratch("ca");
+        let d = dir.path();
+        let run = |args: &[&str]| {
+            let out = Command::new(&openssl)
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=sifuse test CA",
+            ],
+        ]
+        .concat());
+        run(&[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat());
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        TestCa {
+            ca: d.join("ca.pem"),
+            server_cert: d.join("server.pem"),
+            server_key: d.join("server.key"),
+            _dir: dir,
+        }
+    }
 }
 
 impl Nginx {
     /// Serve the files under `root` with Range support (single ranges, as S3 and registries).
     pub fn serve(root: &Path) -> Nginx {
-        Self::start(NginxRole::Files { root, ranges: true })
+        Self::start(NginxRole::Files {
+            root,
+            ranges: true,
+            tls: None,
+        })
+    }
+
+    /// Serve `root` over HTTPS (with Range), with a certificate `ca` signed.
+    pub fn serve_tls(root: &Path, ca: &TestCa) -> Nginx {
+        Self::start(NginxRole::Files {
+            root,
+            ranges: true,
+            tls: Some(ca),
+        })
     }
 
     /// Serve `root` ignoring Range (`max_ranges 0`): every GET answers 200 with the whole file.
@@ -83,6 +196,7 @@ impl Nginx {
         Self::start(NginxRole::Files {
             root,
             ranges: false,
+            tls: None,
         })
     }
 
@@ -108,12 +222,26 @@ impl Nginx {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
         let port = free_port();
+        let mut listen = format!("127.0.0.1:{port}");
         let server = match role {
-            NginxRole::Files { root, ranges } => format!(
-                "root {root};\n{}\nlocation / {{ }}",
-                if ranges { "" } else { "max_ranges 0;" },
-                root = root.display()
-            ),
+            NginxRole::Files { root, ranges, tls } => {
+                let tls = match tls {
+                    Some(ca) => {
+                        listen.push_str(" ssl");
+                        format!(
+                            "ssl_certificate {};\nssl_certificate_key {};",
+                            ca.server_cert.display(),
+                            ca.server_key.display()
+                        )
+                    }
+                    None => String::new(),
+                };
+                format!(
+                    "root {root};\n{}\n{tls}\nlocation / {{ }}",
+                    if ranges { "" } else { "max_ranges 0;" },
+                    root = root.display()
+                )
+            }
             NginxRole::CachingProxy { origin } => format!(
                 r#"location / {{
                     slice 1m;
@@ -150,7 +278,7 @@ http {{
     sendfile on;
     keepalive_requests 100000;
     server {{
-        listen 127.0.0.1:{port};
+        listen {listen};
         {server}
     }}
 }}

@@ -4,14 +4,16 @@
 //! exactly the length asked for.
 
 use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use ureq::http::{self, Response};
+use ureq::tls::{RootCerts, TlsConfig};
 use ureq::Body;
 
 use super::retry::{parse_retry_after, Failure};
 use super::url::{wire_url, HttpUrl};
-use super::StoreConfig;
+use super::{RemoteError, StoreConfig};
 
 /// Most redirects one request follows.
 const MAX_REDIRECTS: usize = 5;
@@ -231,9 +233,54 @@ pub(crate) struct Credential<'a> {
     pub authorization: &'a str,
 }
 
+/// CA bundles of the common distributions, tried in order when no bundle is named: a site's
+/// own CAs are installed there, and sites often serve images from servers they sign.
+const SYSTEM_CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// The roots TLS trusts: `ca_file`, else `SSL_CERT_FILE`, else the system bundle, else
+/// Mozilla's roots (built in). A named bundle that cannot be read is an error; an unreadable
+/// system bundle is passed over.
+fn root_certs(config: &StoreConfig) -> Result<RootCerts, RemoteError> {
+    let named = config
+        .ca_file
+        .clone()
+        .or_else(|| config.env.get("SSL_CERT_FILE").map(PathBuf::from));
+    if let Some(path) = named {
+        return read_bundle(&path)
+            .map_err(|e| RemoteError::Refused(format!("the CA bundle {}: {e}", path.display())));
+    }
+    for path in SYSTEM_CA_BUNDLES {
+        if let Ok(roots) = read_bundle(Path::new(path)) {
+            return Ok(roots);
+        }
+    }
+    Ok(RootCerts::WebPki)
+}
+
+fn read_bundle(path: &Path) -> Result<RootCerts, String> {
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    Ok(RootCerts::from(certs))
+}
+
 impl HttpClient {
-    pub fn new(config: &StoreConfig) -> Self {
+    pub fn new(config: &StoreConfig) -> Result<Self, RemoteError> {
+        let tls = TlsConfig::builder().root_certs(root_certs(config)?).build();
         let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
             .http_status_as_error(false)
             .max_redirects(0)
             .user_agent(config.user_agent.as_str())
@@ -249,10 +296,10 @@ impl HttpClient {
             .max_idle_connections_per_host(config.max_connections.max(1))
             .build()
             .new_agent();
-        HttpClient {
+        Ok(HttpClient {
             agent,
             allow_http: config.allow_http,
-        }
+        })
     }
 
     /// One request, no redirects followed.
@@ -323,14 +370,18 @@ impl HttpClient {
 /// What a failure to get any answer means.
 fn transport_failure(what: &str, e: ureq::Error) -> Failure {
     use ureq::Error as E;
-    let tls = |e: &ureq::Error| {
-        Failure::refused(format!(
-            "{what}: TLS failed: {e} (a server that speaks plain HTTP needs an http:// URL, or \
-             --no-https for a registry)"
-        ))
+    let tls = |e: &ureq::Error, certificate: bool| {
+        let hint = if certificate {
+            "if a site CA signs the server's certificate, name its PEM bundle in SSL_CERT_FILE"
+        } else {
+            "a server that speaks plain HTTP needs an http:// URL, or --no-https for a registry"
+        };
+        Failure::refused(format!("{what}: TLS failed: {e} ({hint})"))
     };
+    let bad_certificate = |e: &rustls::Error| matches!(e, rustls::Error::InvalidCertificate(_));
     match e {
-        E::Tls(_) | E::Rustls(_) | E::Pem(_) | E::TlsRequired => tls(&e),
+        E::Rustls(ref r) => tls(&e, bad_certificate(r)),
+        E::Tls(_) | E::Pem(_) | E::TlsRequired => tls(&e, false),
         E::BadUri(_) | E::Http(_) | E::RequireHttpsOnly(_) | E::InvalidProxyUrl => {
             Failure::refused(format!("{what}: {e}"))
         }
@@ -340,7 +391,11 @@ fn transport_failure(what: &str, e: ureq::Error) -> Failure {
                 .get_ref()
                 .is_some_and(|inner| inner.is::<rustls::Error>()) =>
         {
-            tls(&e)
+            let certificate = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(bad_certificate);
+            tls(&e, certificate)
         }
         E::HostNotFound => Failure::retry(format!("{what}: host not found")),
         other => Failure::retry(format!("{what}: {other}")),

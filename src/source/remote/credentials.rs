@@ -36,6 +36,7 @@ impl Environment {
         "AWS_PROFILE",
         "AWS_SHARED_CREDENTIALS_FILE",
         "AWS_CONFIG_FILE",
+        "SSL_CERT_FILE",
     ];
 
     /// The process's values of [`Environment::NAMES`].

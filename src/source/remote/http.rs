@@ -39,7 +39,7 @@ impl std::fmt::Debug for HttpStore {
 }
 
 impl HttpStore {
-    pub fn new(url: HttpUrl, config: &StoreConfig) -> Self {
+    pub fn new(url: HttpUrl, config: &StoreConfig) -> Result<Self, RemoteError> {
         let authorization = url.userinfo.as_ref().map(|(user, password)| {
             super::credentials::RegistryCredentials {
                 username: user.clone(),
@@ -47,13 +47,13 @@ impl HttpStore {
             }
             .basic_authorization()
         });
-        HttpStore {
-            client: HttpClient::new(config),
+        Ok(HttpStore {
+            client: HttpClient::new(config)?,
             url,
             authorization,
             retry: config.retry.clone(),
             redirect: RedirectMemo::default(),
-        }
+        })
     }
 
     fn get(&self, headers: &[(String, String)]) -> Result<Answer, Failure> {

@@ -57,6 +57,9 @@ pub struct StoreConfig {
     pub credential_helper_timeout: Duration,
     /// Connections kept open to one host, for parallel reads.
     pub max_connections: usize,
+    /// The CA certificates (PEM) TLS trusts. `None`: `SSL_CERT_FILE`, else the system's
+    /// bundle, else Mozilla's roots.
+    pub ca_file: Option<PathBuf>,
     /// Where credentials and S3 settings come from.
     pub env: Environment,
 }
@@ -74,6 +77,7 @@ impl StoreConfig {
             user_agent: concat!("sifuse/", env!("CARGO_PKG_VERSION")).into(),
             credential_helper_timeout: Duration::from_secs(10),
             max_connections: 8,
+            ca_file: None,
             env,
         }
     }
@@ -88,7 +92,7 @@ impl StoreConfig {
 /// [`ObjectStore::version`] makes the first request.
 pub fn open_store(url: &str, config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, RemoteError> {
     Ok(match RemoteUrl::parse(url)? {
-        RemoteUrl::Http(u) => Arc::new(http::HttpStore::new(u, config)),
+        RemoteUrl::Http(u) => Arc::new(http::HttpStore::new(u, config)?),
         RemoteUrl::S3(l) => Arc::new(s3::S3Store::new(l, config)?),
         RemoteUrl::Oras(l) => Arc::new(oci::OciStore::new(l, config)?),
     })

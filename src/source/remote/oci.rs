@@ -80,7 +80,7 @@ impl OciStore {
             state: Mutex::new(AuthState::Anonymous),
         };
         Ok(OciStore {
-            client: HttpClient::new(config),
+            client: HttpClient::new(config)?,
             location,
             base,
             repository,

@@ -68,7 +68,7 @@ impl S3Store {
             }
         };
         Ok(S3Store {
-            client: HttpClient::new(config),
+            client: HttpClient::new(config)?,
             location,
             settings,
             url,
