@@ -95,6 +95,13 @@ fn http_reads_exact_ranges_at_the_etag_version() {
     assert_eq!(v.len, data.len() as u64);
     assert!(v.validator.starts_with('"'), "an ETag: {}", v.validator);
     check_ranges(&store, &v, &data);
+    // One keep-alive connection carried every request.
+    let log_length = settled_log_length(&nginx);
+    let log = nginx.access_log();
+    assert_eq!(log_length, 6, "{log:?}");
+    let connections: std::collections::BTreeSet<_> =
+        log.iter().filter_map(|l| l.rsplit(' ').next()).collect();
+    assert_eq!(connections.len(), 1, "{log:?}");
 }
 
 #[test]

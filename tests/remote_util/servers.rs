@@ -266,7 +266,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 512; }}
 http {{
-    log_format sifuse '$request_method $request_uri $status "$http_range" $upstream_cache_status';
+    log_format sifuse '$request_method $request_uri $status "$http_range" $upstream_cache_status $connection';
     access_log {d}/access.log sifuse;
     client_body_temp_path {d}/tmp/body;
     proxy_temp_path {d}/tmp/proxy;

@@ -286,8 +286,10 @@ impl HttpClient {
             .user_agent(config.user_agent.as_str())
             // Bytes must come as stored: no content coding on a Range answer.
             .accept_encoding("identity")
+            // No resolve timeout: ureq resolves before every request, pooled or not, and with
+            // a timeout it starts a thread to do so (150 µs a request on loopback). Name
+            // look-ups are bounded by the system resolver's own timeouts (resolv.conf).
             .timeout_connect(Some(config.connect_timeout))
-            .timeout_resolve(Some(config.connect_timeout))
             .timeout_recv_response(Some(config.idle_timeout))
             .timeout_per_read(Some(config.idle_timeout))
             .timeout_per_write(Some(config.idle_timeout))
