@@ -120,7 +120,7 @@ impl Filesystem for ArchiveFs {
                 .inode_of("getattr", ino)
                 .and_then(|i| self.attr("getattr", &i))
             {
-                Ok(attr) => reply.attr(&CACHE_TTL, &attr),
+                Ok(attr) => reply.attr(&self.attr_ttl, &attr),
                 Err(e) => reply.error(e),
             }
         })
