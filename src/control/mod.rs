@@ -9,7 +9,7 @@
 //!   the host copy once the container holds its own (`started`), or clean up when it never
 //!   starts ([`conversation`], [`host`]); a forked [`watcher`] cleans up after a server
 //!   that died, even by SIGKILL.
-//! - [`handoff`]: `--detached` and `--serve-fd`, the hand-offs by descriptor of a detached
+//! - [`by_descriptor`]: `--detached` and `--serve-fd`, the hand-offs by descriptor of a detached
 //!   mount (the new mount API), which never shows on the host at all.
 //!
 //! Both ends of the stream speak the [`protocol`]'s messages; [`fdpass`] carries the ones
@@ -20,9 +20,9 @@
 //! [`crate::mount::sys::MountSyscalls`] below), so that every transition, each call
 //! failing included, is unit-tested without privileges.
 
+pub mod by_descriptor;
 pub mod conversation;
 pub mod fdpass;
-pub mod handoff;
 pub mod host;
 pub mod host_path;
 pub mod protocol;
@@ -81,8 +81,8 @@ pub fn role(control_fd: RawFd, hand_off: HandOff) -> Box<dyn Role<Error = Contro
         HandOff::HostPath { mountpoint } => {
             Box::new(host_path::HostPath::new(control_fd, mountpoint))
         }
-        HandOff::MountFd => Box::new(handoff::MountFd::new(control_fd)),
-        HandOff::ServeFd => Box::new(handoff::ServeFd::new(control_fd)),
+        HandOff::MountFd => Box::new(by_descriptor::MountFd::new(control_fd)),
+        HandOff::ServeFd => Box::new(by_descriptor::ServeFd::new(control_fd)),
     }
 }
 

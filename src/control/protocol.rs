@@ -4,7 +4,7 @@
 //!
 //! sifuse → launcher: `ready PATH`, `ready-fd`, `detached`, `done`, `serving`,
 //! `error MESSAGE`. launcher → sifuse: `started`, `cleanup`, `serve-fd`. Which are said
-//! when is up to each hand-off ([`super::conversation`], [`super::handoff`], and the
+//! when is up to each hand-off ([`super::conversation`], [`super::by_descriptor`], and the
 //! launcher's side in [`crate::launcher`]).
 
 use std::fmt;

@@ -123,7 +123,7 @@ pub fn spawn(host: &HostCopy, sys: &dyn HostSyscalls) -> io::Result<Watcher> {
         }
         ForkResult::Child => {
             drop(write);
-            let code = run_watcher(read, host, sys);
+            let code = watcher_process(read, host, sys);
             // Skip the parent's exit handlers and buffered output: they are not ours.
             // SAFETY: _exit(2) ends this (forked) process without running any code of it;
             // it touches no memory.
@@ -133,7 +133,7 @@ pub fn spawn(host: &HostCopy, sys: &dyn HostSyscalls) -> io::Result<Watcher> {
 }
 
 /// The child: let go of everything but the pipe and stderr, then watch.
-fn run_watcher(read: OwnedFd, host: &HostCopy, sys: &dyn HostSyscalls) -> i32 {
+fn watcher_process(read: OwnedFd, host: &HostCopy, sys: &dyn HostSyscalls) -> i32 {
     // Out of the server's session and process group, so that signals aimed at those
     // (a terminal's ^C, a group kill) leave the watcher to do its job.
     let _ = nix::unistd::setsid();

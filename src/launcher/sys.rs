@@ -17,7 +17,7 @@ use nix::sched::CloneFlags;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
-use super::rootfs::{LinuxRoot, RootSyscalls};
+use super::rootfs::{self, RootSyscalls};
 use super::LauncherError;
 use crate::mount::detached::{self, DetachedError, DetachedSyscalls, LinuxDetached};
 use crate::mount::spec::MountSpec;
@@ -93,21 +93,92 @@ pub trait ContainerSyscalls: RootSyscalls + DetachedSyscalls {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LinuxContainer;
 
+/// struct mount_attr of <linux/mount.h>.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+/// AT_RECURSIVE of <linux/fcntl.h>.
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
 impl RootSyscalls for LinuxContainer {
     fn bind(&self, source: &Path, target: &Path) -> io::Result<()> {
-        LinuxRoot.bind(source, target)
+        let none: Option<&str> = None;
+        nix::mount::mount(
+            Some(source),
+            target,
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            none,
+        )
+        .map_err(io::Error::from)
     }
+
     fn remount_read_only(&self, target: &Path) -> io::Result<()> {
-        LinuxRoot.remount_read_only(target)
+        let none: Option<&str> = None;
+        let st = nix::sys::statvfs::statvfs(target)?;
+        nix::mount::mount(
+            none,
+            target,
+            none,
+            rootfs::readonly_remount_flags(st.flags()),
+            none,
+        )
+        .map_err(io::Error::from)
     }
+
     fn set_read_only(&self, target: &Path, recursive: bool) -> io::Result<()> {
-        LinuxRoot.set_read_only(target, recursive)
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(target.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        let flags =
+            libc::AT_SYMLINK_NOFOLLOW as libc::c_uint | if recursive { AT_RECURSIVE } else { 0 };
+        // SAFETY: `path` is a NUL-terminated string and `attr` a mount_attr whose size is
+        // passed with it; both live across the call, which only reads them.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                flags,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
+
     fn mount_points_under(&self, target: &Path) -> io::Result<Vec<PathBuf>> {
-        LinuxRoot.mount_points_under(target)
+        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+        Ok(crate::mount::mountinfo::mount_points(&info)
+            .into_iter()
+            .filter(|p| p.starts_with(target))
+            .collect())
     }
+
     fn tmpfs(&self, target: &Path) -> io::Result<()> {
-        LinuxRoot.tmpfs(target)
+        nix::mount::mount(
+            Some("tmpfs"),
+            target,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        )
+        .map_err(io::Error::from)
     }
 }
 

@@ -76,13 +76,13 @@ pub fn take_inherited_fuse_fd(target: &Path) -> Option<OwnedFd> {
 }
 
 /// Mount `spec` at the directory `target` (absolute); returns the /dev/fuse descriptor to
-/// serve and how to undo the mount. `created` hears the new mount's identity as early as
+/// serve and how to undo the mount. `mount_made` hears the new mount's identity as early as
 /// the kernel allows (see [`MountSyscalls::mount`]).
 pub fn attach(
     sys: &dyn MountSyscalls,
     target: &Path,
     spec: &MountSpec,
-    created: &mut dyn FnMut(MountId),
+    mount_made: &mut dyn FnMut(MountId),
 ) -> io::Result<(OwnedFd, Attachment)> {
     if sys.is_root() {
         let fuse = sys.open_fuse_device().map_err(|e| {
@@ -96,7 +96,7 @@ pub fn attach(
                 format!("cannot open {}: {e}{hint}", super::sys::FUSE_DEVICE),
             )
         })?;
-        match sys.mount(spec, fuse.as_fd(), target, created) {
+        match sys.mount(spec, fuse.as_fd(), target, mount_made) {
             Ok(id) => {
                 let path = target.to_path_buf();
                 return Ok((fuse, Attachment::Kernel { path, id }));
@@ -111,15 +111,15 @@ pub fn attach(
     // The helper mounted it: learn which mount it is at once. Only its owner (or root)
     // could have replaced it meanwhile.
     let id = sys.pin_mount(target)?.id;
-    created(id);
+    mount_made(id);
     let path = target.to_path_buf();
     Ok((fd, Attachment::Helper { path, id }))
 }
 
-/// Undo [`attach`]. Nothing to do for an inherited descriptor: its owner unmounts it, and
+/// Unmount what [`attach`] made, lazily or not. Nothing to do for an inherited descriptor: its owner unmounts it, and
 /// the connection ends when this process closes the descriptor. A mount that is no
 /// longer at its path is not looked for, and nothing else is unmounted.
-pub fn detach(sys: &dyn MountSyscalls, attachment: &Attachment, lazy: bool) -> io::Result<()> {
+pub fn unmount(sys: &dyn MountSyscalls, attachment: &Attachment, lazy: bool) -> io::Result<()> {
     let (Some(path), Some(id)) = (attachment.path(), attachment.id()) else {
         return Ok(());
     };
@@ -287,7 +287,7 @@ pub(crate) mod tests {
             spec: &MountSpec,
             fuse: BorrowedFd<'_>,
             target: &Path,
-            created: &mut dyn FnMut(MountId),
+            mount_made: &mut dyn FnMut(MountId),
         ) -> io::Result<MountId> {
             use std::os::fd::AsRawFd;
             let data = spec.mount_data(fuse.as_raw_fd());
@@ -302,7 +302,7 @@ pub(crate) mod tests {
             if let Some(e) = self.mount_errno {
                 return Err(io::Error::from_raw_os_error(e));
             }
-            created(OURS);
+            mount_made(OURS);
             self.someone_mounts(OURS);
             Ok(OURS)
         }
@@ -494,7 +494,7 @@ pub(crate) mod tests {
             root: true,
             ..Default::default()
         };
-        detach(&sys, &Attachment::Inherited, true).unwrap();
+        unmount(&sys, &Attachment::Inherited, true).unwrap();
         assert!(sys.calls().is_empty());
     }
 
@@ -517,7 +517,7 @@ pub(crate) mod tests {
             ..Default::default()
         };
         userns_root.someone_mounts(OURS);
-        detach(&userns_root, &helper("/m"), true).unwrap();
+        unmount(&userns_root, &helper("/m"), true).unwrap();
         assert_eq!(
             userns_root.calls(),
             ["umount /m lazy=true", "fusermount3 -u lazy=true /m"]
@@ -549,7 +549,7 @@ pub(crate) mod tests {
             let (how, _) = attach_at(&sys, "/m", Access::Owner);
             let made = sys.calls().len();
             sys.someone_unmounts();
-            detach(&sys, &how, true).unwrap();
+            unmount(&sys, &how, true).unwrap();
             assert_eq!(sys.calls().len(), made, "{:?}", sys.calls());
             assert_eq!(sys.top(), UNDERNEATH, "the tmpfs stays");
 
@@ -564,12 +564,12 @@ pub(crate) mod tests {
             };
             sys.someone_mounts(other);
             assert!(!unmount_exact(&sys, Path::new("/m"), OURS, true).unwrap());
-            detach(&sys, &how, false).unwrap();
+            unmount(&sys, &how, false).unwrap();
             assert_eq!(sys.calls().len(), made);
             assert_eq!(sys.top(), other);
             // Its own mount, once on top again, goes.
             sys.someone_unmounts();
-            detach(&sys, &how, false).unwrap();
+            unmount(&sys, &how, false).unwrap();
             assert_eq!(sys.top(), UNDERNEATH);
         }
         // Never mounted: the path shows only what was there.

@@ -303,7 +303,7 @@ struct Mounted {
 
 /// Remove a mount this run made, after a failure.
 fn undo(sys: &dyn MountSyscalls, attachment: &Attachment) {
-    if let Err(e) = attach::detach(sys, attachment, true) {
+    if let Err(e) = attach::unmount(sys, attachment, true) {
         tracing::error!("cannot unmount after the failure: {e}");
     }
 }
@@ -578,7 +578,7 @@ fn spawn_signal_handler(
 ) -> Result<(), MountError> {
     signals::spawn_signal_thread(signals, move |signal| {
         tracing::info!("{signal}: unmounting");
-        if let Err(e) = attach::detach(&*sys, &attachment, true) {
+        if let Err(e) = attach::unmount(&*sys, &attachment, true) {
             tracing::error!("cannot unmount: {e}");
         }
         match attachment.path() {
@@ -604,7 +604,7 @@ fn spawn_idle_timer(
         .name("sifuse-idle".into())
         .spawn(move || {
             idle::watch(&activity, timeout, || {
-                attach::detach(&*sys, &attachment, false)
+                attach::unmount(&*sys, &attachment, false)
             });
             if attachment.path().is_none() {
                 ends.now(Ending::IdleTimeout);
