@@ -29,7 +29,7 @@ use crate::mount::MountError;
 
 use super::fdpass::{recv_line, send_line_with_fd, Received};
 use super::protocol::Message;
-use super::{take_control, tell_error, ControlError};
+use super::{take_control, tell_error, unmounted, ControlError};
 
 /// How long `--serve-fd` waits for the launcher's `serve-fd`: it creates the mount first,
 /// which takes milliseconds.
@@ -103,10 +103,10 @@ impl Role for MountFd {
 
     fn finish(&mut self, served: Result<(), MountError>) -> Result<Ending, ControlError> {
         if self.announced {
-            return Ok(served.map(|()| Ending::Unmounted)?);
+            return unmounted(served);
         }
         let Some(control) = &mut self.control else {
-            return Ok(served.map(|()| Ending::Unmounted)?);
+            return unmounted(served);
         };
         match served {
             Err(e) => Err(tell_error(control, ControlError::from(e))),
@@ -201,7 +201,7 @@ impl Role for ServeFd {
             (Err(e), Some(control)) if !self.announced => {
                 Err(tell_error(control, ControlError::from(e)))
             }
-            (served, _) => Ok(served.map(|()| Ending::Unmounted)?),
+            (served, _) => unmounted(served),
         }
     }
 }

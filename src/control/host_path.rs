@@ -16,7 +16,7 @@ use crate::mount::MountError;
 use super::conversation::{converse, ConversationEnd};
 use super::host::{temp_base, HostCopy, HostSyscalls, LinuxHost, Stage};
 use super::watcher::{self, Watcher};
-use super::{take_control, tell_error, ControlError};
+use super::{take_control, tell_error, unmounted, ControlError};
 
 /// The host copy and its watcher, which the control thread and the serving thread share.
 struct Shared {
@@ -136,7 +136,7 @@ impl Role for HostPath {
         match &mut self.connected {
             Some(c) => finish(served, &c.shared, &c.sys, &mut c.control),
             // Nothing was connected: nothing to tell or clean up.
-            None => Ok(served.map(|()| Ending::Unmounted)?),
+            None => unmounted(served),
         }
     }
 }
@@ -152,7 +152,7 @@ fn finish(
     let mut host = shared.host.lock().unwrap_or_else(|e| e.into_inner());
     match host.stage() {
         Stage::Detached | Stage::CleanedUp => {
-            return Ok(served.map(|()| Ending::Unmounted)?);
+            return unmounted(served);
         }
         Stage::Prepared => {}
     }

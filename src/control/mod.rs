@@ -34,7 +34,7 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::path::PathBuf;
 
 use crate::mount::detached::DetachedError;
-use crate::mount::server::Role;
+use crate::mount::server::{Ending, Role};
 use crate::mount::MountError;
 
 use protocol::Message;
@@ -104,6 +104,12 @@ fn take_control(fd: RawFd) -> Result<File, ControlError> {
     // SAFETY: the descriptor is open (checked above) and the launcher handed it to this
     // process, which from here on is its only user: the File closes it exactly once.
     Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// How a hand-off ends once serving did not fail, or was not the launcher's to hear of:
+/// the kernel ended the connection.
+fn unmounted(served: Result<(), MountError>) -> Result<Ending, ControlError> {
+    Ok(served.map(|()| Ending::Unmounted)?)
 }
 
 /// Tell the launcher `error MESSAGE`, if it still listens, and return the error.

@@ -61,11 +61,6 @@ fn inherited_fuse_fd(target: &Path) -> Option<RawFd> {
     is_fuse_descriptor(borrowed).then_some(fd)
 }
 
-/// Whether `target` names an inherited, already mounted FUSE descriptor (`/dev/fd/N`).
-pub fn is_inherited_fuse_fd(target: &Path) -> bool {
-    inherited_fuse_fd(target).is_some()
-}
-
 /// Take the inherited FUSE descriptor `/dev/fd/N` names, to serve it: from here on this
 /// process owns it. None when `target` is no such descriptor (an ordinary mount point).
 pub fn take_inherited_fuse_fd(target: &Path) -> Option<OwnedFd> {
