@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use sifuse::mount::options::MountOptions;
 use sifuse::mount::sys::LinuxSyscalls;
-use sifuse::mount::MountRequest;
+use sifuse::mount::{MountRequest, Server, Standalone};
 
 use super::Exit;
 
@@ -235,7 +235,8 @@ pub fn main(prog: &str, args: &[OsString]) -> Exit {
         Err(CompatError(msg)) => return Exit::failed(msg),
     };
     super::mount::init_logging(req.options.debug);
-    match req.serve(Arc::new(LinuxSyscalls)) {
+    let server = Server::new(req.image, req.options, Arc::new(LinuxSyscalls));
+    match server.run(Standalone::new(req.mountpoint)) {
         Ok(ending) => Exit::Served(ending),
         Err(e) => Exit::failed(e),
     }

@@ -235,7 +235,7 @@ fn with_host_mount(
             return Err(e);
         }
     };
-    server.started();
+    server.tell_started();
     let status = wait_container(sys, init)?;
     // The server serves the container's copy until this process, the last holder, is
     // gone; it is not waited for.

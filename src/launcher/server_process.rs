@@ -173,7 +173,7 @@ impl ServerProcess {
 
     /// Tell the server the container started, and wait for `detached`. The container runs
     /// whatever the answer: a failure is only reported.
-    pub fn started(&mut self) {
+    pub fn tell_started(&mut self) {
         let answer = match self.tell(&Message::Started) {
             Ok(()) => self.hear_answer(),
             Err(e) => Err(LauncherError::Server(format!("cannot send started: {e}"))),

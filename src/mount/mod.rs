@@ -37,13 +37,6 @@ pub struct MountRequest {
     pub options: MountOptions,
 }
 
-impl MountRequest {
-    /// Serve it: the server's pipeline in the [`Standalone`] role.
-    pub fn serve(self, sys: std::sync::Arc<dyn MountSyscalls>) -> Result<Ending, MountError> {
-        Server::new(self.image, self.options, sys).run(Standalone::new(self.mountpoint))
-    }
-}
-
 /// Why mounting or serving failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {

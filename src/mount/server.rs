@@ -436,12 +436,12 @@ impl Server {
             Connection::Path(path) => check_mountpoint(&path)?,
             Connection::Descriptor(fd) => Target::Inherited(fd),
         };
-        let spec = ImageSpec {
+        let image_spec = ImageSpec {
             path: self.image.clone(),
             offset: opts.offset,
             partition: opts.partition.clone(),
         };
-        let img = image::open(&spec, opts.cache_bytes())?;
+        let img = image::open(&image_spec, opts.cache_bytes())?;
         let root = served_root(&img.archive, opts.subdir.as_deref())?;
         let root_number = root.number;
         let activity = Arc::new(Activity::default());
