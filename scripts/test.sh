@@ -24,6 +24,11 @@ declare -A need=(
   [mount]=mount
   [losetup]=mount
   [python3]=python3
+  [rpmbuild]=rpm
+  [rpm]=rpm
+  [objcopy]=binutils
+  [readelf]=binutils
+  [dpkg-deb]=dpkg
 )
 missing=()
 for cmd in "${!need[@]}"; do
