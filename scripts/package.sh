@@ -73,7 +73,8 @@ trap 'rm -rf "$work"' EXIT
 
 # The binary, stripped; debug information, if any, kept aside.
 mkdir -p "$work/bin"
-if readelf -S "$binary" | grep -q '\.debug_info'; then
+sections=$(readelf -S "$binary")
+if grep -q '\.debug_info' <<<"$sections"; then
   debug="$out/sifuse-$version-$deb_arch.debug"
   objcopy --only-keep-debug "$binary" "$debug"
   chmod 0644 "$debug"
