@@ -18,10 +18,9 @@
 # A binary that carries debug information is stripped, and its debug information kept aside
 # as sifuse-VERSION-ARCH.debug next to the packages (gdb finds it by the debuglink).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 binary=
-out=target/package
+out=
 rpm=yes
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,6 +31,11 @@ while [ $# -gt 0 ]; do
     *) echo "package.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+# Paths given are relative to where the script was called from; then work from the repo.
+[ -n "$binary" ] && binary=$(realpath -- "$binary")
+[ -n "$out" ] && out=$(realpath -m -- "$out")
+cd "$(dirname "$0")/.."
+out=${out:-$PWD/target/package}
 
 # command -> Debian package
 declare -A need=([dpkg-deb]=dpkg [objcopy]=binutils [gzip]=gzip)
@@ -55,7 +59,7 @@ fi
 
 if [ -z "$binary" ]; then
   cargo build --release --locked --bin sifuse >&2
-  binary=target/release/sifuse
+  binary=$PWD/target/release/sifuse
 fi
 [ -x "$binary" ] || { echo "package.sh: $binary is not an executable" >&2; exit 1; }
 
@@ -67,7 +71,6 @@ rpm_arch=$(uname -m)
 
 umask 022
 mkdir -p "$out"
-out=$(cd "$out" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

@@ -215,7 +215,11 @@ fn version_names_commit_and_compressors() {
     let commit = if checkout && std::env::var_os("SIFUSE_GIT_COMMIT").is_none() {
         let mut head = git(&["rev-parse", "HEAD"]).expect("git rev-parse HEAD");
         head.truncate(12);
-        assert_eq!(recorded, head, "the build recorded a stale commit");
+        assert_eq!(
+            recorded, head,
+            "the binary names another commit than HEAD: build.rs did not run again when \
+             HEAD moved (or HEAD moved after this build)"
+        );
         head
     } else if recorded.is_empty() {
         "unknown (not built from a git checkout)".to_string()
