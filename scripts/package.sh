@@ -189,7 +189,11 @@ cp -a "$rpm_root/." "%{buildroot}/"
 %license /usr/share/licenses/sifuse/LICENSE-MIT
 %license /usr/share/licenses/sifuse/LICENSE-APACHE
 EOF
-  rpmbuild --quiet -bb --target "$rpm_arch" --define "_topdir $work/rpmbuild" "$work/sifuse.spec" >&2
+  if ! rpmbuild --quiet -bb --target "$rpm_arch" --define "_topdir $work/rpmbuild" \
+    "$work/sifuse.spec" > "$work/rpmbuild.log" 2>&1; then
+    cat "$work/rpmbuild.log" >&2
+    exit 1
+  fi
   rpm_file="$out/sifuse-$version-1.$rpm_arch.rpm"
   mv "$work/rpmbuild/RPMS/$rpm_arch/sifuse-$version-1.$rpm_arch.rpm" "$rpm_file"
   echo "$rpm_file"
