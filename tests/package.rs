@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use mount_util::{can_mount, pids_with_arg, scratch, wait_for, SIFUSE};
+use mount_util::{pids_with_arg, require_mount, scratch, wait_for, SIFUSE};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -208,9 +208,7 @@ fn gunzip(path: &Path) -> Vec<u8> {
 
 #[test]
 fn deb_installs_mounts_and_removes_cleanly_and_rpm_lists_the_same_files() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let dir = scratch("package");
     let out = dir.path().join("out");
 
