@@ -30,6 +30,12 @@ declare -A need=(
   [nginx]=nginx-light
   [docker-registry]=docker-registry
   [openssl]=openssl
+  # The package test (tests/package.rs).
+  [rpmbuild]=rpm
+  [rpm]=rpm
+  [objcopy]=binutils
+  [readelf]=binutils
+  [dpkg-deb]=dpkg
 )
 missing=()
 for cmd in "${!need[@]}"; do
