@@ -441,6 +441,9 @@ impl Server {
             offset: opts.offset,
             partition: opts.partition.clone(),
         };
+        // The process is about to become a long-running server: tune its allocator once,
+        // before the image's readers and the serving threads start (see the function).
+        crate::cache::tune_for_serving();
         let img = image::open(&image_spec, opts.cache_bytes())?;
         let root = served_root(&img.archive, opts.subdir.as_deref())?;
         let root_number = root.number;
@@ -468,6 +471,7 @@ impl Server {
         };
         let mut fs = ArchiveFs::new(img.archive, root, owners, opens, activity.clone())?;
         fs.admit_only(callers);
+        fs.release_when_idle(opts.idle_release());
         if server_decides {
             fs.revalidate_every_access();
         }
