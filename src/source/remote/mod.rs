@@ -14,6 +14,12 @@
 //! An object is always read at the version first seen: a store that finds another version
 //! answers [`RemoteError::Changed`], and nothing of two versions is ever mixed.
 
+pub mod chunks;
+pub mod source;
+
+pub use chunks::{default_cache_dir, CacheError, ChunkCache};
+pub use source::{RemoteConfig, RemoteSource};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
