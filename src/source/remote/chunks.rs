@@ -424,7 +424,7 @@ impl ChunkCache {
             }
         };
         let mut report = EvictReport::default();
-        let mut chunks: Vec<(i64, u64, Arc<OwnedFd>, String)> = Vec::new();
+        let mut chunks: Vec<(i128, u64, Arc<OwnedFd>, String)> = Vec::new();
         let mut objects: Vec<(Arc<OwnedFd>, String)> = Vec::new();
         for name in list_dir(&self.dir)? {
             if !is_key_name(&name) {
@@ -439,7 +439,8 @@ impl ChunkCache {
                     continue;
                 };
                 if is_chunk_name(&entry) {
-                    chunks.push((st.st_mtime, st.st_size as u64, fd.clone(), entry));
+                    let used = st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128;
+                    chunks.push((used, st.st_size as u64, fd.clone(), entry));
                 } else if is_part_name(&entry) && remove_stale_part(&fd, &entry, &st) {
                     report.removed_parts += 1;
                 }
@@ -507,9 +508,11 @@ fn remove_stale_part(dir: &OwnedFd, name: &str, st: &FileStat) -> bool {
         return false;
     };
     match Flock::lock(File::from(fd), FlockArg::LockExclusiveNonblock) {
-        Ok(locked) => same_file(dir, name, &*locked) && {
-            unlinkat(dir, name, UnlinkatFlags::NoRemoveDir).is_ok()
-        },
+        Ok(locked) => {
+            same_file(dir, name, &*locked) && {
+                unlinkat(dir, name, UnlinkatFlags::NoRemoveDir).is_ok()
+            }
+        }
         Err(_) => false,
     }
 }
@@ -579,7 +582,9 @@ fn part_name(index: u64) -> String {
 }
 
 fn is_key_name(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 fn is_chunk_name(s: &str) -> bool {
@@ -928,12 +933,7 @@ impl<'a> Claim<'a> {
             file.set_len(0)?;
             file.write_all_at(&header, 0)?;
             file.write_all_at(payload, HEADER_LEN as u64)?;
-            renameat(
-                &*dir,
-                part.as_str(),
-                &*dir,
-                chunk_name(self.index).as_str(),
-            )?;
+            renameat(&*dir, part.as_str(), &*dir, chunk_name(self.index).as_str())?;
             Ok(())
         })();
         match result {

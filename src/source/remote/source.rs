@@ -212,20 +212,23 @@ impl Streams {
             }
         };
         s.used = clock;
-        if last > s.last {
-            s.run += last - s.last;
-            s.last = last;
+        // Only a reader that moved on to a new chunk asks for more.
+        if last <= s.last {
+            return None;
         }
+        s.run += last - s.last;
+        s.last = last;
         if s.run < 2 {
             return None;
         }
+        // Ask for more once half the window ahead is consumed, so requests stay large.
         let start = s.ahead_until.max(last + 1);
-        let end = last + 1 + s.window;
-        if end <= start {
+        if start - (last + 1) > s.window / 2 {
             return None;
         }
+        let end = last + 1 + s.window;
         s.ahead_until = end;
-        s.window = (s.window * 2).min(max_window.max(1));
+        s.window = (s.window * 2).min(max_window.max(2));
         Some(start..end)
     }
 }
@@ -541,7 +544,7 @@ impl Inner {
         &buf[at..at + self.meta.chunk_len(index)]
     }
 
-    fn from_disk(&self, index: u64) -> Option<Chunk> {
+    fn read_disk(&self, index: u64) -> Option<Chunk> {
         let bytes = self.disk.as_ref()?.read(index)?;
         self.counters
             .disk_hits
@@ -566,7 +569,7 @@ impl Inner {
         // What the disk has.
         let mut missing = Vec::new();
         for (index, guard) in guards {
-            match self.from_disk(index) {
+            match self.read_disk(index) {
                 Some(chunk) => {
                     let _ = guard.insert(chunk.clone());
                     out[(index - base) as usize] = Some(chunk);
@@ -588,7 +591,7 @@ impl Inner {
                     .get_value_or_guard(&index, Some(self.config.wait_limit))
                 {
                     GuardResult::Value(v) => v,
-                    GuardResult::Guard(g) => match self.from_disk(index) {
+                    GuardResult::Guard(g) => match self.read_disk(index) {
                         Some(c) => {
                             let _ = g.insert(c.clone());
                             c
@@ -638,7 +641,7 @@ impl Inner {
                     ClaimResult::Mine(c) => mine.push((index, guard, Some(c))),
                     ClaimResult::Busy => busy.push((index, guard)),
                     ClaimResult::Present if !into_memory => drop(guard),
-                    ClaimResult::Present => match self.from_disk(index) {
+                    ClaimResult::Present => match self.read_disk(index) {
                         Some(c) => {
                             let _ = guard.insert(c.clone());
                             got.push((index, c));
@@ -769,45 +772,38 @@ impl ReadAt for RemoteSource {
             .on_read(first, last, max_window)
             .map(|r| r.start..r.end.min(inner.meta.chunk_count()))
             .filter(|r| !r.is_empty());
-        // With workers, read-ahead happens beside this read; without, this read's own
-        // requests reach further (coalesced with what it needs).
-        let mut extra = 0..0;
+        let per = inner.config.chunks_per_request();
+        let mut index = first;
+        while index <= last {
+            let group_end = (index + per).min(last + 1);
+            let chunks = inner.load(index..group_end, Mode::Need)?;
+            for (k, chunk) in chunks.iter().enumerate() {
+                let chunk = chunk.as_ref().expect("Need mode loads every chunk");
+                let chunk_start = (index + k as u64) * cs;
+                let from = offset.max(chunk_start);
+                let to = end.min(chunk_start + chunk.as_slice().len() as u64);
+                buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(
+                    &chunk[(from - chunk_start) as usize..(to - chunk_start) as usize],
+                );
+            }
+            index = group_end;
+        }
+        // Read-ahead: by the workers beside this read, or, without workers, now, so that
+        // the next reads find their chunks (a failure here is the next read's to report).
+        let started = self.background_started();
         if let Some(ahead) = ahead {
-            if self.background_started() {
-                if let Some(pool) = self.pool.get() {
+            match self.pool.get() {
+                Some(pool) if started => {
                     if let Err(TrySendError::Disconnected(_)) =
                         pool.jobs.try_send(Job::ReadAhead(ahead))
                     {
                         tracing::debug!("read-ahead workers are gone");
                     }
                 }
-            } else {
-                extra = ahead;
+                _ => {
+                    let _ = inner.load(ahead, Mode::Ahead);
+                }
             }
-        } else {
-            self.background_started();
-        }
-        let per = inner.config.chunks_per_request();
-        let mut index = first;
-        while index <= last {
-            let group_end = (index + per).min(last + 1);
-            // Read-ahead joins the last group when it follows on.
-            let load_end = if group_end == last + 1 && extra.start == group_end {
-                extra.end.min(group_end + per)
-            } else {
-                group_end
-            };
-            let chunks = inner.load(index..load_end, Mode::Need)?;
-            for (k, chunk) in chunks.iter().take((group_end - index) as usize).enumerate() {
-                let chunk = chunk.as_ref().expect("Need mode loads every chunk");
-                let chunk_start = (index + k as u64) * cs;
-                let from = offset.max(chunk_start);
-                let to = end.min(chunk_start + chunk.len() as u64);
-                buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(
-                    &chunk[(from - chunk_start) as usize..(to - chunk_start) as usize],
-                );
-            }
-            index = group_end;
         }
         Ok(())
     }
