@@ -1,7 +1,6 @@
 //! inspect, ls, stat, cat and extract: thin front ends over the archive layer.
 
 use std::io::{self, Write};
-use std::sync::Arc;
 
 use serde_json::json;
 
@@ -9,7 +8,7 @@ use sifuse::archive::superblock::flags;
 use sifuse::archive::{Archive, FileKind, Inode};
 use sifuse::image::{self, ImageSpec};
 use sifuse::sif::{self, SifImage};
-use sifuse::source::{open_image_file, FileWindow, ReadAt};
+use sifuse::source::ReadAt;
 use sifuse::walk::{walk, Event};
 use sifuse::{Error, Result};
 
@@ -54,6 +53,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Mount(args) => super::mount::mount(&args),
+        Command::Fetch(args) => super::cache::fetch(&args),
+        Command::Cache(cmd) => super::cache::run(&cmd),
         Command::Umount(args) => super::mount::umount(&args),
         Command::Run(args) => super::run::run(&args),
         Command::InstallCompat { dir, force } => super::compat::install_compat(&dir, force),
@@ -74,16 +75,12 @@ fn emit(stdout: &mut impl Write, s: &str) -> Result<()> {
 }
 
 fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
-    let file = Arc::new(open_image_file(&spec.path).map_err(|e| Error::Open {
-        path: spec.path.display().to_string(),
-        source: e,
-    })?);
-    let len = file.metadata()?.len();
-    let whole = FileWindow::new(file.clone(), 0, len)?;
+    let whole = image::open_whole(spec)?;
+    let len = whole.source.len();
     let mut head = vec![0u8; len.min(64) as usize];
-    whole.read_exact_at(&mut head, 0)?;
+    whole.source.read_exact_at(&mut head, 0)?;
     let sif_image = if spec.offset.is_none() && sif::has_sif_magic(&head) {
-        Some(SifImage::parse(&whole)?)
+        Some(SifImage::parse(&*whole.source)?)
     } else {
         None
     };
@@ -96,7 +93,8 @@ fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
         {
             Err(s.select_partition(None).expect_err("checked above").into())
         }
-        _ => image::open(spec, TOOL_CACHE_BYTES),
+        _ => image::locate_in(whole, spec)
+            .and_then(|located| image::open_located(located, TOOL_CACHE_BYTES)),
     };
     if sif_image.is_none() {
         // Not a SIF: the SquashFS must open, or there is nothing to show.

@@ -120,6 +120,84 @@ pub fn default_cache_dir() -> Result<PathBuf, CacheError> {
         .ok_or(CacheError::NoDirectory)
 }
 
+/// Where chunks are kept and how many: what `--cache-dir`, `--cache-max` and
+/// `--no-disk-cache` say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// The cache directory; `None`: [`default_cache_dir`].
+    pub dir: Option<PathBuf>,
+    /// Budget of the disk cache in bytes.
+    pub max_bytes: u64,
+    /// False: keep chunks in memory only.
+    pub disk: bool,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            dir: None,
+            max_bytes: DEFAULT_CACHE_MAX,
+            disk: true,
+        }
+    }
+}
+
+impl CacheSettings {
+    /// The cache directory these settings name.
+    pub fn dir(&self) -> Result<PathBuf, CacheError> {
+        match &self.dir {
+            Some(d) => Ok(d.clone()),
+            None => default_cache_dir(),
+        }
+    }
+
+    /// Open this user's cache (for `sifuse fetch` and `sifuse cache`, which need it).
+    pub fn open(&self) -> Result<Arc<ChunkCache>, CacheError> {
+        ChunkCache::open(&self.dir()?, self.max_bytes)
+    }
+
+    /// The cache for reading an image: `None` with `--no-disk-cache`, or, with a warning,
+    /// when the directory is unusable (the image is then read with memory only).
+    pub fn open_for_reading(&self) -> Option<Arc<ChunkCache>> {
+        if !self.disk {
+            return None;
+        }
+        match self.open() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("{e}; reading without a disk cache");
+                None
+            }
+        }
+    }
+}
+
+/// A size as `--cache-max` takes it: bytes, or a number with K, M, G or T (powers of
+/// 1024; `KiB`, `MB`, ... are read the same).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (for example 10G, 512M, 1048576)"))?;
+    let bytes = n * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
 /// The identity of one object version in the cache.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ObjectKey([u8; 32]);

@@ -349,3 +349,16 @@ fn the_default_directory_follows_the_environment() {
         }
     }
 }
+
+#[test]
+fn sizes_parse_with_binary_units() {
+    assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+    assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+    assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+    assert_eq!(parse_size("1.5k").unwrap(), 1536);
+    assert_eq!(parse_size("0").unwrap(), 0);
+    assert!(parse_size("10X").is_err());
+    assert!(parse_size("G").is_err());
+    assert!(parse_size("-1G").is_err());
+    assert!(parse_size("99999999999T").is_err());
+}

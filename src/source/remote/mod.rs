@@ -17,7 +17,7 @@
 pub mod chunks;
 pub mod source;
 
-pub use chunks::{default_cache_dir, CacheError, ChunkCache};
+pub use chunks::{default_cache_dir, parse_size, CacheError, CacheSettings, ChunkCache};
 pub use source::{RemoteConfig, RemoteSource};
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -360,6 +360,24 @@ impl RemoteSource {
         &self.inner.counters
     }
 
+    /// How it reads.
+    pub fn config(&self) -> &RemoteConfig {
+        &self.inner.config
+    }
+
+    /// Load the bytes `range` now (coalesced, as one read would).
+    pub fn warm(&self, range: Range<u64>) -> io::Result<()> {
+        let chunks = self.inner.chunk_range(range);
+        let per = self.inner.config.chunks_per_request();
+        let mut start = chunks.start;
+        while start < chunks.end {
+            let end = (start + per).min(chunks.end);
+            self.inner.load(start..end, Mode::Need)?;
+            start = end;
+        }
+        Ok(())
+    }
+
     /// Fetch the bytes `range` in the background (into the disk cache; without one, into
     /// memory, as much as fits in half of it). Starts when the workers do.
     pub fn prefetch(&self, range: Range<u64>) {
