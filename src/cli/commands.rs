@@ -76,6 +76,7 @@ fn emit(stdout: &mut impl Write, s: &str) -> Result<()> {
 
 fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
     let whole = image::open_whole(spec)?;
+    let remote = whole.remote.clone();
     let len = whole.source.len();
     let mut head = vec![0u8; len.min(64) as usize];
     whole.source.read_exact_at(&mut head, 0)?;
@@ -133,7 +134,15 @@ fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
             }),
             Err(e) => json!({ "error": e.to_string() }),
         };
-        let v = json!({ "sif": sif_json, "squashfs": sq_json });
+        let remote_json = remote.as_ref().map(|r| {
+            json!({
+                "address": r.address(),
+                "version": r.version().validator,
+                "length": r.version().len,
+                "disk_cache": r.disk_cache_dir().map(|d| d.display().to_string()),
+            })
+        });
+        let v = json!({ "remote": remote_json, "sif": sif_json, "squashfs": sq_json });
         emit(
             &mut stdout,
             &format!("{}\n", serde_json::to_string_pretty(&v).expect("json")),
@@ -141,6 +150,20 @@ fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
         return Ok(());
     }
     let mut s = String::new();
+    if let Some(r) = &remote {
+        s += &format!("Remote image {}
+", r.address());
+        s += &format!(
+            "  version:     {}, {} bytes
+",
+            r.version().validator,
+            r.version().len
+        );
+        match r.disk_cache_dir() {
+            Some(d) => s += &format!("  chunk cache: {}\n\n", d.display()),
+            None => s += "  chunk cache: memory only\n\n",
+        }
+    }
     if let Some(img) = &sif_image {
         let h = &img.header;
         s += &format!("SIF image, version {}\n", h.version);

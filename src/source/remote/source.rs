@@ -350,6 +350,11 @@ impl RemoteSource {
         &self.inner.version
     }
 
+    /// The user's chunk cache directory, when chunks go to disk.
+    pub fn disk_cache_dir(&self) -> Option<&std::path::Path> {
+        self.inner.disk.as_ref().map(|d| d.cache().path())
+    }
+
     /// True when chunks go to the disk cache.
     pub fn has_disk_cache(&self) -> bool {
         self.inner.disk.is_some()
