@@ -151,8 +151,11 @@ fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
     }
     let mut s = String::new();
     if let Some(r) = &remote {
-        s += &format!("Remote image {}
-", r.address());
+        s += &format!(
+            "Remote image {}
+",
+            r.address()
+        );
         s += &format!(
             "  version:     {}, {} bytes
 ",
