@@ -43,6 +43,7 @@
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -56,7 +57,7 @@ use nix::sys::stat::{fstat, fstatat, futimens, mkdirat, FileStat, Mode};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use sha2::{Digest, Sha256};
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use super::ObjectVersion;
 
@@ -66,9 +67,16 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 /// Default budget of the disk cache: 10 GiB.
 pub const DEFAULT_CACHE_MAX: u64 = 10 << 30;
 
-/// Bytes before a chunk's data in its file.
-pub const HEADER_LEN: usize = 64;
-const MAGIC: &[u8; 8] = b"SIFUSEC1";
+/// The unit of fetching and checking inside a chunk: reading a few KiB fetches a few
+/// KiB, not a whole chunk.
+pub const PAGE_SIZE: u32 = 4096;
+/// Most pages in a chunk (so chunks are at most 1 MiB).
+pub const MAX_PAGES: usize = 256;
+/// Bytes before a chunk's pages in its file: one page, so pages stay page-aligned.
+pub const HEADER_LEN: usize = 4096;
+const MAGIC: &[u8; 8] = b"SIFUSEC2";
+/// Where the page checksums start in the header (after the present-page bitmap).
+const SUMS_AT: usize = 64 + MAX_PAGES / 8;
 /// A chunk used again is touched at most this often: eviction needs minutes, not
 /// nanoseconds, and a touch is a syscall.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
@@ -268,6 +276,11 @@ impl ObjectMeta {
         let start = index * self.chunk_size as u64;
         (self.len.saturating_sub(start)).min(self.chunk_size as u64) as usize
     }
+
+    /// Pages in chunk `index`.
+    pub fn pages_in(&self, index: u64) -> u32 {
+        self.chunk_len(index).div_ceil(PAGE_SIZE as usize) as u32
+    }
 }
 
 /// One user's chunk cache on this node.
@@ -375,6 +388,19 @@ impl ChunkCache {
 
     /// The chunks of one object version, creating its directory if needed.
     pub fn object(self: &Arc<Self>, meta: ObjectMeta) -> io::Result<ObjectChunks> {
+        if meta.chunk_size == 0
+            || meta.chunk_size % PAGE_SIZE != 0
+            || meta.chunk_size as usize > MAX_PAGES * PAGE_SIZE as usize
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "chunk size {} is not a multiple of {PAGE_SIZE} up to {}",
+                    meta.chunk_size,
+                    MAX_PAGES * PAGE_SIZE as usize
+                ),
+            ));
+        }
         let key = meta.key();
         let name = key.hex();
         let dir = self.open_object_dir(&name, &meta)?;
@@ -461,7 +487,7 @@ impl ChunkCache {
                 if is_chunk_name(&entry) {
                     if let Ok(st) = fstatat(&fd, entry.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
                         chunks += 1;
-                        bytes += st.st_size as u64;
+                        bytes += st.st_blocks as u64 * 512;
                     }
                 }
             }
@@ -518,7 +544,7 @@ impl ChunkCache {
                 };
                 if is_chunk_name(&entry) {
                     let used = st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128;
-                    chunks.push((used, st.st_size as u64, fd.clone(), entry));
+                    chunks.push((used, st.st_blocks as u64 * 512, fd.clone(), entry));
                 } else if is_part_name(&entry) && remove_stale_part(&fd, &entry, &st) {
                     report.removed_parts += 1;
                 }
@@ -629,25 +655,81 @@ pub struct ObjectChunks {
     dir: Mutex<Arc<OwnedFd>>,
 }
 
+/// Which pages of a chunk a file holds: one bit each, [`MAX_PAGES`] at most.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageSet([u64; MAX_PAGES / 64]);
+
+impl PageSet {
+    /// True when page `p` is in the set.
+    pub fn contains(&self, p: u32) -> bool {
+        (p as usize) < MAX_PAGES && self.0[p as usize / 64] & (1 << (p % 64)) != 0
+    }
+    /// Add page `p`.
+    pub fn insert(&mut self, p: u32) {
+        if (p as usize) < MAX_PAGES {
+            self.0[p as usize / 64] |= 1 << (p % 64);
+        }
+    }
+    /// True when every page of `pages` is in the set.
+    pub fn covers(&self, pages: Range<u32>) -> bool {
+        pages.into_iter().all(|p| self.contains(p))
+    }
+    /// The pages of `pages` not in the set, as one range from the first to the last
+    /// (fetching the few present ones between is cheaper than a second request).
+    pub fn missing_span(&self, pages: Range<u32>) -> Option<Range<u32>> {
+        let first = pages.clone().find(|&p| !self.contains(p))?;
+        let last = pages.rev().find(|&p| !self.contains(p))?;
+        Some(first..last + 1)
+    }
+    fn bytes(&self) -> [u8; MAX_PAGES / 8] {
+        let mut b = [0u8; MAX_PAGES / 8];
+        for (i, w) in self.0.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+    fn from_bytes(b: &[u8]) -> Self {
+        let mut s = PageSet::default();
+        for (i, w) in s.0.iter_mut().enumerate() {
+            *w = u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        }
+        s
+    }
+}
+
+/// A chunk file, opened and its header verified: which pages it holds, and reading them.
+#[derive(Debug)]
+pub struct StoredChunk {
+    file: File,
+    present: PageSet,
+    sums: Vec<u64>,
+    /// Bytes of the object in this chunk.
+    len: usize,
+}
+
+impl StoredChunk {
+    /// Which pages it holds.
+    pub fn present(&self) -> &PageSet {
+        &self.present
+    }
+}
+
 /// The outcome of trying to claim a chunk for fetching.
 #[derive(Debug)]
 pub enum ClaimResult<'a> {
-    /// This caller fetches it, then calls [`Claim::commit`].
+    /// This caller fetches what is missing, then calls [`Claim::commit`].
     Mine(Claim<'a>),
     /// Another fetcher holds it: wait with [`ObjectChunks::wait_for`].
     Busy,
-    /// The chunk is already there.
-    Present,
 }
 
-/// The outcome of waiting for a chunk another process fetches.
+/// The outcome of waiting for a chunk another process is fetching.
 #[derive(Debug)]
 pub enum WaitResult<'a> {
-    /// It arrived, verified.
-    Arrived(Vec<u8>),
-    /// Its fetcher let go without it: this caller fetches it now.
+    /// The other fetcher let go: the claim is this caller's, who looks again at what the
+    /// chunk holds before fetching the rest.
     Mine(Claim<'a>),
-    /// Neither within the time allowed.
+    /// The other fetcher still holds it at the deadline.
     TimedOut,
 }
 
@@ -770,36 +852,26 @@ impl ObjectChunks {
         Ok(fd)
     }
 
-    fn header(&self, index: u64, len: usize) -> [u8; HEADER_LEN] {
-        let mut h = [0u8; HEADER_LEN];
+    fn header(&self, index: u64, len: usize, present: &PageSet, sums: &[u64]) -> Vec<u8> {
+        let mut h = vec![0u8; HEADER_LEN];
         h[0..8].copy_from_slice(MAGIC);
         h[8..40].copy_from_slice(&self.key.0);
         h[40..48].copy_from_slice(&index.to_le_bytes());
         h[48..52].copy_from_slice(&(len as u32).to_le_bytes());
+        h[52..56].copy_from_slice(&PAGE_SIZE.to_le_bytes());
+        h[64..64 + MAX_PAGES / 8].copy_from_slice(&present.bytes());
+        for (p, sum) in sums.iter().enumerate().take(MAX_PAGES) {
+            let at = SUMS_AT + p * 8;
+            h[at..at + 8].copy_from_slice(&sum.to_le_bytes());
+        }
+        let sum = header_checksum(&h);
+        h[56..64].copy_from_slice(&sum.to_le_bytes());
         h
     }
 
-    fn checksum(header: &[u8], payload: &[u8]) -> u64 {
-        let mut x = Xxh3::new();
-        x.update(&header[..56]);
-        x.update(payload);
-        x.digest()
-    }
-
-    /// True when chunk `index` has a file of the right size (not verified: for skipping
-    /// what is already there when filling the cache).
-    pub fn contains(&self, index: u64) -> bool {
-        let want = (HEADER_LEN + self.meta.chunk_len(index)) as i64;
-        fstatat(
-            &*self.dir(),
-            chunk_name(index).as_str(),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .is_ok_and(|st| st.st_size == want && st.st_uid == self.cache.uid)
-    }
-
-    /// Chunk `index`, verified; `None` if absent or damaged (a damaged file is removed).
-    pub fn read(&self, index: u64) -> Option<Vec<u8>> {
+    /// Chunk `index` as its file holds it, header verified; `None` if there is no file or
+    /// it is damaged (then removed).
+    pub fn open_chunk(&self, index: u64) -> Option<StoredChunk> {
         let dir = self.dir();
         let name = chunk_name(index);
         let fd = match openat(
@@ -819,29 +891,34 @@ impl ObjectChunks {
             }
         };
         let file = File::from(fd);
-        match self.verify(&file, index) {
-            Ok(payload) => {
-                self.touch(&file);
-                Some(payload)
+        match self.verify_header(&file, index) {
+            Ok(chunk) => {
+                self.touch(&chunk.file);
+                Some(chunk)
             }
             Err(why) => {
-                tracing::warn!(
-                    "chunk {index} of {} in the cache {} is damaged ({why}): removed, \
-                     fetching it again",
-                    self.meta.address,
-                    self.cache.path.display()
-                );
-                // Only the file just judged: a good copy renamed into place since stays.
-                if same_file(&dir, &name, &file) {
-                    let _ = unlinkat(&*dir, name.as_str(), UnlinkatFlags::NoRemoveDir);
-                }
+                self.drop_damaged(index, &file, &why);
                 None
             }
         }
     }
 
-    /// The chunk's bytes if `file` holds exactly chunk `index` of this object.
-    fn verify(&self, file: &File, index: u64) -> Result<Vec<u8>, String> {
+    /// Remove chunk `index`'s file, which `file` showed damaged (unless another file has
+    /// been renamed into its place since).
+    pub fn drop_damaged(&self, index: u64, file: &File, why: &str) {
+        tracing::warn!(
+            "chunk {index} of {} in the cache {} is damaged ({why}): removed, fetching it again",
+            self.meta.address,
+            self.cache.path.display()
+        );
+        let dir = self.dir();
+        let name = chunk_name(index);
+        if same_file(&dir, &name, file) {
+            let _ = unlinkat(&*dir, name.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+    }
+
+    fn verify_header(&self, file: &File, index: u64) -> Result<StoredChunk, String> {
         let len = self.meta.chunk_len(index);
         let st = fstat(file.as_fd()).map_err(|e| e.to_string())?;
         if st.st_uid != self.cache.uid {
@@ -850,28 +927,38 @@ impl ObjectChunks {
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err("not a regular file".into());
         }
-        if st.st_size as u64 != (HEADER_LEN + len) as u64 {
-            return Err(format!(
-                "{} bytes where {} belong",
-                st.st_size,
-                HEADER_LEN + len
-            ));
+        if st.st_size as u64 > (HEADER_LEN + len) as u64 {
+            return Err(format!("{} bytes, more than a chunk", st.st_size));
         }
-        let mut header = [0u8; HEADER_LEN];
-        file.read_exact_at(&mut header, 0)
-            .map_err(|e| e.to_string())?;
-        let mut payload = vec![0u8; len];
-        file.read_exact_at(&mut payload, HEADER_LEN as u64)
-            .map_err(|e| e.to_string())?;
-        let want = self.header(index, len);
-        if header[..56] != want[..56] {
+        let mut h = vec![0u8; HEADER_LEN];
+        file.read_exact_at(&mut h, 0)
+            .map_err(|_| format!("{} bytes, shorter than its header", st.st_size))?;
+        let want = self.header(index, len, &PageSet::default(), &[]);
+        if h[..56] != want[..56] {
             return Err("its header names another chunk".into());
         }
-        let sum = u64::from_le_bytes(header[56..64].try_into().expect("8 bytes"));
-        if sum != Self::checksum(&header, &payload) {
-            return Err("checksum mismatch".into());
+        let sum = u64::from_le_bytes(h[56..64].try_into().expect("8 bytes"));
+        if sum != header_checksum(&h) {
+            return Err("header checksum mismatch".into());
         }
-        Ok(payload)
+        let present = PageSet::from_bytes(&h[64..64 + MAX_PAGES / 8]);
+        let pages = self.meta.pages_in(index);
+        let mut sums = Vec::with_capacity(pages as usize);
+        for p in 0..MAX_PAGES as u32 {
+            if p >= pages && present.contains(p) {
+                return Err(format!("page {p} lies beyond the chunk's end"));
+            }
+            if p < pages {
+                let at = SUMS_AT + p as usize * 8;
+                sums.push(u64::from_le_bytes(h[at..at + 8].try_into().expect("8")));
+            }
+        }
+        Ok(StoredChunk {
+            file: file.try_clone().map_err(|e| e.to_string())?,
+            present,
+            sums,
+            len,
+        })
     }
 
     fn touch(&self, file: &File) {
@@ -883,12 +970,11 @@ impl ObjectChunks {
         }
     }
 
-    /// Try to become the fetcher of chunk `index`, without waiting.
-    /// A cache that cannot be written (full disk, lost permissions, no locks) never
-    /// stops a fetch: the claim is then one that writes nothing.
+    /// Try to become the fetcher of chunk `index`, without waiting. A cache that cannot
+    /// be written (full disk, lost permissions, no locks) never stops a fetch: the claim
+    /// is then one that writes nothing.
     pub fn claim(&self, index: u64) -> ClaimResult<'_> {
         if self.cache.writes_paused() {
-            // Nothing is written, so there is nothing to coordinate.
             return ClaimResult::Mine(Claim::unwritten(self, index));
         }
         for _ in 0..4 {
@@ -927,16 +1013,6 @@ impl ObjectChunks {
             if !same_file(&dir, &part, &*locked) {
                 continue;
             }
-            if fstatat(
-                &*dir,
-                chunk_name(index).as_str(),
-                AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .is_ok()
-            {
-                let _ = unlinkat(&*dir, part.as_str(), UnlinkatFlags::NoRemoveDir);
-                return ClaimResult::Present;
-            }
             return ClaimResult::Mine(Claim {
                 chunks: self,
                 index,
@@ -947,18 +1023,13 @@ impl ObjectChunks {
         ClaimResult::Mine(Claim::unwritten(self, index))
     }
 
-    /// Wait until chunk `index`, which another fetcher claimed, is in the cache, or its
-    /// fetcher lets go (then the claim is this caller's), or `deadline` passes.
+    /// Wait until the fetcher holding chunk `index` lets go (then the claim is this
+    /// caller's), or `deadline` passes.
     pub fn wait_for(&self, index: u64, deadline: Instant) -> WaitResult<'_> {
         let mut pause = Duration::from_millis(1);
         loop {
-            if let Some(bytes) = self.read(index) {
-                return WaitResult::Arrived(bytes);
-            }
-            match self.claim(index) {
-                ClaimResult::Mine(c) => return WaitResult::Mine(c),
-                ClaimResult::Present => {}
-                ClaimResult::Busy => {}
+            if let ClaimResult::Mine(c) = self.claim(index) {
+                return WaitResult::Mine(c);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -970,8 +1041,38 @@ impl ObjectChunks {
     }
 }
 
-/// The right to fetch one chunk and put it in the cache: a locked `.part` file, or
-/// nothing when the cache is not being written.
+impl StoredChunk {
+    /// Read pages `pages` (clipped to the chunk's end) into `out`, each verified; an error
+    /// names the damage (the caller drops the file).
+    pub fn read_pages(&self, pages: Range<u32>, out: &mut Vec<u8>) -> Result<(), String> {
+        let p = PAGE_SIZE as usize;
+        let start = pages.start as usize * p;
+        let end = (pages.end as usize * p).min(self.len);
+        out.clear();
+        out.resize(end.saturating_sub(start), 0);
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .read_exact_at(out, (HEADER_LEN + start) as u64)
+            .map_err(|_| "shorter than its pages".to_string())?;
+        for (k, page) in out.chunks(p).enumerate() {
+            let n = pages.start as usize + k;
+            if xxh3_64(page) != self.sums[n] {
+                return Err(format!("page {n} checksum mismatch"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The file, for [`ObjectChunks::drop_damaged`].
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+/// The right to fetch one chunk and put what was fetched in the cache: a locked `.part`
+/// file, or nothing when the cache is not being written.
 #[derive(Debug)]
 pub struct Claim<'a> {
     chunks: &'a ObjectChunks,
@@ -993,29 +1094,80 @@ impl<'a> Claim<'a> {
         self.index
     }
 
-    /// Write the fetched chunk into the cache. A failure to write is reported once and
-    /// pauses writing; the caller serves `payload` whatever happens.
-    pub fn commit(mut self, payload: &[u8]) {
+    /// Add the pages `data` holds, from page `first` on, to the chunk: a new file with
+    /// the pages the chunk held and these, renamed over the old one. A failure to write is
+    /// reported once and pauses writing; the caller serves `data` whatever happens.
+    pub fn commit(mut self, first: u32, data: &[u8]) {
         let Some((file, dir)) = self.file.take() else {
             return;
         };
         let chunks = self.chunks;
-        let part = part_name(self.index);
-        let result = (|| -> io::Result<()> {
-            if payload.len() != chunks.meta.chunk_len(self.index) {
-                return Err(io::Error::other("wrong chunk length"));
+        let index = self.index;
+        let part = part_name(index);
+        let result = (|| -> io::Result<u64> {
+            let len = chunks.meta.chunk_len(index);
+            let p = PAGE_SIZE as usize;
+            let pages = chunks.meta.pages_in(index) as usize;
+            let start = first as usize * p;
+            if start + data.len() > len || (start + data.len() < len && data.len() % p != 0) {
+                return Err(io::Error::other("pages outside the chunk"));
             }
-            let mut header = chunks.header(self.index, payload.len());
-            let sum = ObjectChunks::checksum(&header, payload);
-            header[56..64].copy_from_slice(&sum.to_le_bytes());
+            // What the chunk holds already, verified (a damaged one is started afresh).
+            let mut content = vec![0u8; len];
+            let mut present = PageSet::default();
+            if let Some(old) = chunks.open_chunk(index) {
+                let mut buf = Vec::new();
+                let mut ok = true;
+                for p0 in 0..pages as u32 {
+                    if old.present.contains(p0)
+                        && !(first..first + data.len().div_ceil(p) as u32).contains(&p0)
+                    {
+                        if old.read_pages(p0..p0 + 1, &mut buf).is_err() {
+                            ok = false;
+                            break;
+                        }
+                        content[p0 as usize * p..p0 as usize * p + buf.len()].copy_from_slice(&buf);
+                        present.insert(p0);
+                    }
+                }
+                if !ok {
+                    present = PageSet::default();
+                }
+            }
+            content[start..start + data.len()].copy_from_slice(data);
+            for k in 0..data.len().div_ceil(p) {
+                present.insert(first + k as u32);
+            }
+            let mut sums = vec![0u64; pages];
+            for (n, sum) in sums.iter_mut().enumerate() {
+                if present.contains(n as u32) {
+                    *sum = xxh3_64(&content[n * p..((n + 1) * p).min(len)]);
+                }
+            }
             file.set_len(0)?;
-            file.write_all_at(&header, 0)?;
-            file.write_all_at(payload, HEADER_LEN as u64)?;
-            renameat(&*dir, part.as_str(), &*dir, chunk_name(self.index).as_str())?;
-            Ok(())
+            // Only the pages held are written: the file is sparse.
+            let mut n = 0;
+            let mut written = HEADER_LEN as u64;
+            while n < pages {
+                if !present.contains(n as u32) {
+                    n += 1;
+                    continue;
+                }
+                let mut m = n;
+                while m < pages && present.contains(m as u32) {
+                    m += 1;
+                }
+                let bytes = &content[n * p..(m * p).min(len)];
+                file.write_all_at(bytes, (HEADER_LEN + n * p) as u64)?;
+                written += bytes.len() as u64;
+                n = m;
+            }
+            file.write_all_at(&chunks.header(index, len, &present, &sums), 0)?;
+            renameat(&*dir, part.as_str(), &*dir, chunk_name(index).as_str())?;
+            Ok(written)
         })();
         match result {
-            Ok(()) => chunks.cache.wrote((HEADER_LEN + payload.len()) as u64),
+            Ok(written) => chunks.cache.wrote(written),
             Err(e) => {
                 if same_file(&dir, &part, &*file) {
                     let _ = unlinkat(&*dir, part.as_str(), UnlinkatFlags::NoRemoveDir);
@@ -1023,14 +1175,14 @@ impl<'a> Claim<'a> {
                 chunks.cache.pause_writes(&e);
             }
         }
-        // Dropping the Flock unlocks: a waiter then finds the chunk in place.
+        // Dropping the Flock unlocks: a waiter then finds the pages in place.
     }
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        // A claim given up (the fetch failed): remove the empty claim file so waiters
-        // take over at once instead of finding a stale one.
+        // A claim given up (the fetch failed, or nothing was missing): remove the claim
+        // file so that waiters take over at once.
         if let Some((file, dir)) = self.file.take() {
             let part = part_name(self.index);
             if same_file(&dir, &part, &*file) {
@@ -1038,6 +1190,13 @@ impl Drop for Claim<'_> {
             }
         }
     }
+}
+
+fn header_checksum(h: &[u8]) -> u64 {
+    let mut x = Xxh3::new();
+    x.update(&h[..56]);
+    x.update(&h[64..]);
+    x.digest()
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@ use super::*;
 
 use std::os::unix::fs::PermissionsExt;
 
-const CS: u32 = 4096;
+/// Four pages a chunk.
+const CS: u32 = 4 * PAGE_SIZE;
 
 fn meta(validator: &str, len: u64) -> ObjectMeta {
     ObjectMeta {
@@ -19,11 +20,36 @@ fn payload(index: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Write chunk `index` through a claim, as a fetcher does.
+/// Write all of chunk `index` through a claim, as a fetcher does.
 fn put(chunks: &ObjectChunks, index: u64) {
     match chunks.claim(index) {
-        ClaimResult::Mine(c) => c.commit(&payload(index, chunks.meta().chunk_len(index))),
+        ClaimResult::Mine(c) => c.commit(0, &payload(index, chunks.meta().chunk_len(index))),
         other => panic!("chunk {index}: expected to claim it, got {other:?}"),
+    }
+}
+
+/// All of chunk `index`, verified, as a reader gets it; a damaged file is dropped.
+fn read(chunks: &ObjectChunks, index: u64) -> Option<Vec<u8>> {
+    let stored = chunks.open_chunk(index)?;
+    let pages = chunks.meta().pages_in(index);
+    if !stored.present().covers(0..pages) {
+        return None;
+    }
+    let mut out = Vec::new();
+    match stored.read_pages(0..pages, &mut out) {
+        Ok(()) => Some(out),
+        Err(why) => {
+            chunks.drop_damaged(index, stored.file(), &why);
+            None
+        }
+    }
+}
+
+impl ObjectChunks {
+    /// True when every page of chunk `index` is in the cache.
+    pub(crate) fn contains(&self, index: u64) -> bool {
+        self.open_chunk(index)
+            .is_some_and(|c| c.present().covers(0..self.meta().pages_in(index)))
     }
 }
 
@@ -41,14 +67,16 @@ fn setup(len: u64) -> (tempfile::TempDir, Arc<ChunkCache>, ObjectChunks) {
 #[test]
 fn a_committed_chunk_reads_back_verified_and_the_short_last_one_too() {
     let (_d, cache, chunks) = setup(3 * CS as u64 + 100);
-    assert_eq!(chunks.read(0), None);
+    assert_eq!(read(&chunks, 0), None);
     put(&chunks, 0);
     put(&chunks, 3);
-    assert_eq!(chunks.read(0).unwrap(), payload(0, CS as usize));
-    assert_eq!(chunks.read(3).unwrap(), payload(3, 100));
+    assert_eq!(read(&chunks, 0).unwrap(), payload(0, CS as usize));
+    assert_eq!(read(&chunks, 3).unwrap(), payload(3, 100));
     assert!(chunks.contains(0) && chunks.contains(3) && !chunks.contains(1));
     let on_disk = std::fs::read(chunk_path(&cache, &chunks, 3)).unwrap();
     assert_eq!(on_disk.len(), HEADER_LEN + 100);
+    // The header names the object version and the chunk.
+    assert_eq!(&on_disk[8..40], &chunks.key.0);
     assert_eq!(&on_disk[..8], MAGIC);
     // No claim file is left behind.
     let names = std::fs::read_dir(cache.path().join(chunks.key_hex()))
@@ -62,7 +90,12 @@ fn a_committed_chunk_reads_back_verified_and_the_short_last_one_too() {
 fn damaged_chunks_are_removed_never_served() {
     let (_d, cache, chunks) = setup(8 * CS as u64);
     type Damage = fn(&Path, &Path);
-    let damages: [(&str, Damage); 6] = [
+    let damages: [(&str, Damage); 7] = [
+        ("one header byte flipped", |p, _| {
+            let mut b = std::fs::read(p).unwrap();
+            b[70] ^= 1;
+            std::fs::write(p, b).unwrap();
+        }),
         ("one data byte flipped", |p, _| {
             let mut b = std::fs::read(p).unwrap();
             b[HEADER_LEN + 10] ^= 1;
@@ -96,11 +129,11 @@ fn damaged_chunks_are_removed_never_served() {
     for (what, damage) in damages {
         let p = chunk_path(&cache, &chunks, 1);
         damage(&p, &chunk_path(&cache, &chunks, 2));
-        assert_eq!(chunks.read(1), None, "{what}: served");
+        assert_eq!(read(&chunks, 1), None, "{what}: served");
         assert!(!p.exists(), "{what}: the damaged file stays");
         // Fetched again, it is served.
         put(&chunks, 1);
-        assert_eq!(chunks.read(1).unwrap(), payload(1, CS as usize), "{what}");
+        assert_eq!(read(&chunks, 1).unwrap(), payload(1, CS as usize), "{what}");
     }
 }
 
@@ -110,13 +143,52 @@ fn another_version_never_sees_these_chunks() {
     put(&v1, 0);
     let v2 = cache.object(meta("\"v2\"", 2 * CS as u64)).unwrap();
     assert_ne!(v1.key_hex(), v2.key_hex());
-    assert_eq!(v2.read(0), None);
+    assert_eq!(read(&v2, 0), None);
     // Even a v1 file copied into v2's place is refused: its header names v1.
     std::fs::copy(chunk_path(&cache, &v1, 0), chunk_path(&cache, &v2, 0)).unwrap();
-    assert_eq!(v2.read(0), None);
+    assert_eq!(read(&v2, 0), None);
     // A different length is another version too.
     let longer = cache.object(meta("\"v1\"", 3 * CS as u64)).unwrap();
     assert_ne!(v1.key_hex(), longer.key_hex());
+}
+
+#[test]
+fn pages_are_added_to_a_chunk_and_the_ones_held_kept() {
+    let (_d, cache, chunks) = setup(3 * CS as u64);
+    let p = PAGE_SIZE as usize;
+    let all = payload(1, CS as usize);
+    // Page 2, then pages 0..1: the file keeps both, and never held page 3.
+    let ClaimResult::Mine(c) = chunks.claim(1) else {
+        panic!()
+    };
+    c.commit(2, &all[2 * p..3 * p]);
+    let ClaimResult::Mine(c) = chunks.claim(1) else {
+        panic!()
+    };
+    c.commit(0, &all[..p]);
+    let stored = chunks.open_chunk(1).unwrap();
+    assert!(stored.present().covers(0..1) && stored.present().covers(2..3));
+    assert!(!stored.present().contains(1) && !stored.present().contains(3));
+    assert_eq!(stored.present().missing_span(0..4), Some(1..4));
+    let mut out = Vec::new();
+    stored.read_pages(2..3, &mut out).unwrap();
+    assert_eq!(out, &all[2 * p..3 * p]);
+    stored.read_pages(0..1, &mut out).unwrap();
+    assert_eq!(out, &all[..p]);
+    // The file is sparse: the pages it does not hold take no space.
+    let st = std::fs::metadata(chunk_path(&cache, &chunks, 1)).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        st.blocks() * 512 <= (HEADER_LEN + 3 * p) as u64,
+        "{} blocks",
+        st.blocks()
+    );
+    // Pages that would pass the chunk's end are refused, and nothing is written.
+    let ClaimResult::Mine(c) = chunks.claim(1) else {
+        panic!()
+    };
+    c.commit(3, &all[..2 * p]);
+    assert!(!chunks.open_chunk(1).unwrap().present().contains(3));
 }
 
 #[test]
@@ -129,17 +201,22 @@ fn a_claim_excludes_other_fetchers_until_committed_or_given_up() {
         panic!("first claim refused")
     };
     assert!(matches!(other.claim(0), ClaimResult::Busy));
+    assert!(
+        matches!(other.claim(1), ClaimResult::Mine(_)),
+        "claims are per chunk"
+    );
     drop(claim); // the fetch failed
     let ClaimResult::Mine(claim) = other.claim(0) else {
         panic!("a claim given up did not pass on")
     };
     assert!(matches!(chunks.claim(0), ClaimResult::Busy));
-    claim.commit(&payload(0, CS as usize));
-    assert!(matches!(chunks.claim(0), ClaimResult::Present));
+    claim.commit(0, &payload(0, CS as usize));
+    assert_eq!(read(&chunks, 0).unwrap(), payload(0, CS as usize));
+    assert!(matches!(chunks.claim(0), ClaimResult::Mine(_)));
 }
 
 #[test]
-fn a_waiter_gets_the_chunk_another_fetcher_commits_or_takes_over() {
+fn a_waiter_gets_the_claim_once_the_fetcher_is_done_or_times_out() {
     let (_d, cache, chunks) = setup(4 * CS as u64);
     let other = cache.object(chunks.meta().clone()).unwrap();
     std::thread::scope(|s| {
@@ -148,24 +225,12 @@ fn a_waiter_gets_the_chunk_another_fetcher_commits_or_takes_over() {
         };
         s.spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
-            claim.commit(&payload(0, CS as usize));
+            claim.commit(0, &payload(0, CS as usize));
         });
         let deadline = Instant::now() + Duration::from_secs(10);
-        match other.wait_for(0, deadline) {
-            WaitResult::Arrived(b) => assert_eq!(b, payload(0, CS as usize)),
-            r => panic!("{r:?}"),
-        }
-    });
-    std::thread::scope(|s| {
-        let ClaimResult::Mine(claim) = chunks.claim(1) else {
-            panic!()
-        };
-        s.spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
-            drop(claim);
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        assert!(matches!(other.wait_for(1, deadline), WaitResult::Mine(_)));
+        assert!(matches!(other.wait_for(0, deadline), WaitResult::Mine(_)));
+        // What the other fetcher wrote is there for the waiter.
+        assert_eq!(read(&other, 0).unwrap(), payload(0, CS as usize));
     });
     // A stuck fetcher: the wait ends at its deadline.
     let ClaimResult::Mine(_stuck) = chunks.claim(2) else {
@@ -192,7 +257,7 @@ fn eviction_removes_the_least_recently_used_down_to_the_budget() {
         set_mtime(&chunk_path(&cache, &chunks, i), 10_000 - i * 100);
     }
     // Reading chunk 0 makes it the most recently used.
-    assert!(chunks.read(0).is_some());
+    assert!(read(&chunks, 0).is_some());
     let file_len = (HEADER_LEN + CS as usize) as u64;
     let report = cache.evict_to(6 * file_len, true).unwrap();
     assert_eq!(report.bytes_before, 10 * file_len);
@@ -204,7 +269,7 @@ fn eviction_removes_the_least_recently_used_down_to_the_budget() {
     cache.evict_to(0, true).unwrap();
     assert!(!cache.path().join(chunks.key_hex()).exists());
     put(&chunks, 3);
-    assert_eq!(chunks.read(3).unwrap(), payload(3, CS as usize));
+    assert_eq!(read(&chunks, 3).unwrap(), payload(3, CS as usize));
 }
 
 #[test]
@@ -227,13 +292,15 @@ fn pruning_while_a_reader_holds_a_chunk_is_safe() {
     let (_d, cache, chunks) = setup(2 * CS as u64);
     put(&chunks, 0);
     // A reader in the middle of reading chunk 0 holds it open.
-    let held = File::open(chunk_path(&cache, &chunks, 0)).unwrap();
+    let held = chunks.open_chunk(0).unwrap();
     cache.evict_to(0, true).unwrap();
-    assert!(chunks.verify(&held, 0).is_ok(), "the open chunk changed");
+    let mut out = Vec::new();
+    held.read_pages(0..4, &mut out).unwrap();
+    assert_eq!(out, payload(0, CS as usize), "the open chunk changed");
     // The next reader finds nothing, fetches again, and is served.
-    assert_eq!(chunks.read(0), None);
+    assert_eq!(read(&chunks, 0), None);
     put(&chunks, 0);
-    assert_eq!(chunks.read(0).unwrap(), payload(0, CS as usize));
+    assert_eq!(read(&chunks, 0).unwrap(), payload(0, CS as usize));
 }
 
 #[test]
@@ -255,7 +322,7 @@ fn stale_claim_files_are_cleared_and_live_ones_kept() {
     // A claim over debris truncates it and writes a whole chunk.
     std::fs::write(objdir.join(part_name(3)), vec![0xaa; 3 * CS as usize]).unwrap();
     put(&chunks, 3);
-    assert_eq!(chunks.read(3).unwrap(), payload(3, CS as usize));
+    assert_eq!(read(&chunks, 3).unwrap(), payload(3, CS as usize));
 }
 
 #[test]
@@ -298,7 +365,7 @@ fn a_chunk_file_of_another_owner_is_not_served() {
     let (_d, cache, chunks) = setup(2 * CS as u64);
     put(&chunks, 0);
     std::os::unix::fs::chown(chunk_path(&cache, &chunks, 0), Some(54321), None).unwrap();
-    assert_eq!(chunks.read(0), None);
+    assert_eq!(read(&chunks, 0), None);
 }
 
 #[test]
@@ -311,13 +378,13 @@ fn an_unwritable_cache_still_lets_fetches_through() {
     std::fs::remove_dir_all(&objdir).unwrap();
     std::fs::write(&objdir, b"not a directory").unwrap();
     match chunks.claim(1) {
-        ClaimResult::Mine(c) => c.commit(&payload(1, CS as usize)),
+        ClaimResult::Mine(c) => c.commit(0, &payload(1, CS as usize)),
         other => panic!("{other:?}"),
     }
     assert!(cache.writes_paused());
     // While paused, claims are granted at once and write nothing.
     assert!(matches!(chunks.claim(1), ClaimResult::Mine(_)));
-    assert_eq!(chunks.read(1), None);
+    assert_eq!(read(&chunks, 1), None);
 }
 
 #[test]

@@ -1,24 +1,25 @@
-//! A remote object as a [`ReadAt`]: reads go through a small in-memory cache of verified
-//! chunks, then the node-local disk cache ([`super::chunks`]), then the store.
+//! A remote object as a [`ReadAt`]: reads are served from the node-local disk cache
+//! ([`super::chunks`]; or, without one, a small in-memory cache of pages), and what is
+//! missing is fetched from the store.
 //!
-//! - **Coalescing.** The chunks a read misses, and those it is about to need, are fetched
-//!   in as few range requests as possible: runs of neighbouring chunks, up to
-//!   [`RemoteConfig::max_request_bytes`] each.
-//! - **Bounded.** At most [`RemoteConfig::max_in_flight`] requests at once; memory holds at
-//!   most [`RemoteConfig::memory_bytes`] of chunks plus one request buffer per request in
-//!   flight (32 MiB with the defaults), and a reading thread holds at most the chunks of
-//!   its own read while it copies them.
-//! - **Read-ahead.** A reader that moves forward chunk after chunk gets the chunks ahead of
-//!   it fetched before it asks, in a window that doubles up to
-//!   [`RemoteConfig::read_ahead_bytes`]: by background workers once serving has begun,
-//!   otherwise as part of its own next request.
+//! - **Fetch what is read.** The unit of fetching is the 4 KiB page, not the chunk: a read
+//!   of a few KiB fetches the pages it covers. The pages a read misses in neighbouring
+//!   chunks are fetched in one range request (up to [`RemoteConfig::max_request_bytes`]).
+//! - **Bounded.** At most [`RemoteConfig::max_in_flight`] requests at once. Memory holds
+//!   one request buffer per request in flight, and, without a disk cache, at most
+//!   [`RemoteConfig::memory_bytes`] of pages: 32 MiB with the defaults. With a disk cache,
+//!   pages read back come through the kernel's page cache and are not kept.
+//! - **One fetcher per chunk.** Threads of one process take turns per chunk; processes
+//!   claim a chunk in the disk cache (see [`super::chunks`]). A reader that finds its chunk
+//!   taken waits, at most [`RemoteConfig::wait_limit`], then reads what arrived.
+//! - **Read-ahead.** A reader moving forward through the object gets what follows fetched
+//!   before it asks, in a window that doubles up to [`RemoteConfig::read_ahead_bytes`]: by
+//!   background workers once serving has begun, otherwise right after its own read.
 //! - **The metadata tail.** [`RemoteSource::prefetch`] fetches a range (the image's
-//!   tables) in the background, in large requests, into the disk cache.
+//!   tables) in the background, in large requests; [`RemoteSource::warm`] does it now.
 //! - **Failures.** A failed fetch is an `io::Error` for the read that needed it, once the
 //!   store's own retries and timeouts are spent; nothing is remembered of it, so the next
-//!   read asks the store again, and whatever is cached keeps being served. Waiting for a
-//!   chunk someone else fetches, or for a request slot, is bounded by
-//!   [`RemoteConfig::wait_limit`].
+//!   read asks the store again, and whatever is cached keeps being served.
 //!
 //! **Background threads start late.** A mount opens its image and then forks into a
 //! daemon; threads alive at the fork would vanish in the daemon, leaving any lock they
@@ -26,30 +27,34 @@
 //! other than the one that opened the source (a request thread of the serving process),
 //! or when [`RemoteSource::start_background`] is called.
 
+use std::collections::HashSet;
 use std::io;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use quick_cache::sync::{Cache, GuardResult};
+use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 
-use super::chunks::{ChunkCache, ClaimResult, ObjectChunks, ObjectMeta, WaitResult};
+use super::chunks::{ChunkCache, ClaimResult, ObjectChunks, ObjectMeta, WaitResult, PAGE_SIZE};
 use super::{ObjectStore, ObjectVersion, RemoteError};
 use crate::source::ReadAt;
+
+const PAGE: u64 = PAGE_SIZE as u64;
 
 /// How a remote object is read.
 #[derive(Debug, Clone)]
 pub struct RemoteConfig {
-    /// Chunk size (the unit of caching, aligned to multiples of itself).
+    /// Chunk size: the unit of the disk cache's files (a multiple of the 4 KiB page).
     pub chunk_size: u32,
-    /// Verified chunks kept in memory.
+    /// Without a disk cache: pages kept in memory.
     pub memory_bytes: u64,
     /// Range requests in flight at once, at most.
     pub max_in_flight: usize,
-    /// Longest range request (neighbouring chunks coalesced).
+    /// Longest range request.
     pub max_request_bytes: u64,
     /// Longest wait for a chunk another reader (thread or process) is fetching, or for a
     /// free request slot.
@@ -75,38 +80,24 @@ impl Default for RemoteConfig {
 }
 
 impl RemoteConfig {
-    /// The most memory the source holds, whatever it reads: cached chunks plus request
-    /// buffers in flight.
+    /// The most memory the source holds, whatever it reads: pages kept in memory (without
+    /// a disk cache) plus request buffers in flight.
     pub fn memory_bound(&self) -> u64 {
         self.memory_bytes + self.max_in_flight as u64 * self.max_request_bytes
     }
-
-    fn chunks_per_request(&self) -> u64 {
-        (self.max_request_bytes / self.chunk_size as u64).max(1)
-    }
 }
 
-/// A chunk's verified bytes.
-type Chunk = Arc<Vec<u8>>;
-
 #[derive(Clone)]
-struct ChunkWeight;
+struct PageWeight;
 
-impl Weighter<u64, Chunk> for ChunkWeight {
-    fn weight(&self, _key: &u64, val: &Chunk) -> u64 {
+impl Weighter<u64, Arc<Vec<u8>>> for PageWeight {
+    fn weight(&self, _key: &u64, val: &Arc<Vec<u8>>) -> u64 {
         val.capacity() as u64 + 64
     }
 }
 
-type MemoryChunks = Cache<u64, Chunk, ChunkWeight>;
-type Guard<'a> = quick_cache::sync::PlaceholderGuard<
-    'a,
-    u64,
-    Chunk,
-    ChunkWeight,
-    DefaultHashBuilder,
-    quick_cache::sync::DefaultLifecycle<u64, Chunk>,
->;
+/// Pages in memory, by page number in the object: the cache when there is no disk cache.
+type MemoryPages = Cache<u64, Arc<Vec<u8>>, PageWeight>;
 
 /// Request slots: at most `max` fetches at once.
 #[derive(Debug)]
@@ -150,33 +141,86 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// The chunks a thread of this process is fetching: one thread per chunk at a time.
+#[derive(Debug, Default)]
+struct Fetching {
+    busy: Mutex<HashSet<u64>>,
+    released: Condvar,
+}
+
+struct Taken<'a> {
+    fetching: &'a Fetching,
+    chunk: u64,
+}
+
+impl Fetching {
+    fn try_take(&self, chunk: u64) -> Option<Taken<'_>> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if !busy.insert(chunk) {
+            return None;
+        }
+        Some(Taken {
+            fetching: self,
+            chunk,
+        })
+    }
+
+    /// Wait until `chunk` is free; false at the deadline.
+    fn wait(&self, chunk: u64, deadline: Instant) -> bool {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        while busy.contains(&chunk) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            busy = self
+                .released
+                .wait_timeout(busy, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.fetching
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.chunk);
+        self.fetching.released.notify_all();
+    }
+}
+
 /// Counters, for tests, benchmarks and `sifuse fetch`.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Range requests made to the store.
-    pub requests: std::sync::atomic::AtomicU64,
+    pub requests: AtomicU64,
     /// Bytes those requests fetched.
-    pub bytes_fetched: std::sync::atomic::AtomicU64,
-    /// Chunks read back from the disk cache.
-    pub disk_hits: std::sync::atomic::AtomicU64,
+    pub bytes_fetched: AtomicU64,
 }
 
 /// One reader's position, for spotting sequential reads.
 #[derive(Debug, Clone, Copy, Default)]
 struct Stream {
-    /// Last chunk it read.
-    last: u64,
-    /// Chunks it advanced one after another.
+    /// Where the reader's last read ended.
+    next: u64,
+    /// Reads in a row that followed on.
     run: u64,
-    /// Chunks of read-ahead it gets next.
+    /// Bytes of read-ahead it gets next.
     window: u64,
-    /// First chunk not yet read ahead.
+    /// Where read-ahead has reached.
     ahead_until: u64,
     /// When it last read (a counter), to replace the stalest.
     used: u64,
 }
 
 const STREAMS: usize = 8;
+/// First read-ahead window.
+const FIRST_WINDOW: u64 = 512 << 10;
 
 #[derive(Debug, Default)]
 struct Streams {
@@ -185,52 +229,56 @@ struct Streams {
 }
 
 impl Streams {
-    /// Note a read of chunks `first..=last`; the chunks to read ahead, if any.
-    fn on_read(&mut self, first: u64, last: u64, max_window: u64) -> Option<Range<u64>> {
+    /// Note a read of `offset..end`; the bytes to read ahead, if any. `near` is how far
+    /// from where a reader stopped a read may start and still follow on (readers of
+    /// neighbouring blocks on several threads arrive a little out of order).
+    fn on_read(&mut self, offset: u64, end: u64, near: u64, max_window: u64) -> Option<Range<u64>> {
         self.clock += 1;
         let clock = self.clock;
-        let found = self
-            .slots
-            .iter_mut()
-            .find(|s| s.used != 0 && (first == s.last || first == s.last + 1));
-        let s = match found {
-            Some(s) => s,
-            None => {
-                let s = self
-                    .slots
-                    .iter_mut()
-                    .min_by_key(|s| s.used)
-                    .expect("STREAMS > 0");
-                *s = Stream {
-                    last,
-                    run: 0,
-                    window: 2,
-                    ahead_until: last + 1,
-                    used: clock,
-                };
-                return None;
-            }
+        let found = self.slots.iter_mut().find(|s| {
+            s.used != 0 && offset + near >= s.next && offset <= s.next.saturating_add(near)
+        });
+        let Some(s) = found else {
+            let s = self
+                .slots
+                .iter_mut()
+                .min_by_key(|s| s.used)
+                .expect("STREAMS > 0");
+            *s = Stream {
+                next: end,
+                run: 0,
+                window: FIRST_WINDOW.min(max_window),
+                ahead_until: end,
+                used: clock,
+            };
+            return None;
         };
         s.used = clock;
-        // Only a reader that moved on to a new chunk asks for more.
-        if last <= s.last {
+        if end <= s.next {
             return None;
         }
-        s.run += last - s.last;
-        s.last = last;
+        s.next = end;
+        s.run += 1;
         if s.run < 2 {
             return None;
         }
         // Ask for more once half the window ahead is consumed, so requests stay large.
-        let start = s.ahead_until.max(last + 1);
-        if start - (last + 1) > s.window / 2 {
+        let start = s.ahead_until.max(end);
+        if start - end > s.window / 2 {
             return None;
         }
-        let end = last + 1 + s.window;
-        s.ahead_until = end;
-        s.window = (s.window * 2).min(max_window.max(2));
-        Some(start..end)
+        let stop = end + s.window;
+        s.ahead_until = stop;
+        s.window = (s.window * 2).min(max_window);
+        Some(start..stop)
     }
+}
+
+/// A part of one chunk a read wants: pages `pages` of chunk `chunk`.
+#[derive(Debug, Clone)]
+struct Want {
+    chunk: u64,
+    pages: Range<u32>,
 }
 
 struct Inner {
@@ -238,17 +286,18 @@ struct Inner {
     version: ObjectVersion,
     meta: ObjectMeta,
     disk: Option<ObjectChunks>,
-    memory: MemoryChunks,
+    memory: Option<MemoryPages>,
     config: RemoteConfig,
     slots: Slots,
+    fetching: Fetching,
     streams: Mutex<Streams>,
     counters: Counters,
 }
 
 enum Job {
-    /// Chunks to load into memory ahead of a reader.
+    /// Bytes to fetch ahead of a reader.
     ReadAhead(Range<u64>),
-    /// Chunks to put in the disk cache (or memory, without one).
+    /// Bytes to put in the cache.
     Fill(Range<u64>),
 }
 
@@ -256,12 +305,12 @@ struct Pool {
     jobs: SyncSender<Job>,
 }
 
-/// A remote object read through the chunk caches.
+/// A remote object read through the chunk cache.
 pub struct RemoteSource {
     inner: Arc<Inner>,
     opener: ThreadId,
     pool: OnceLock<Pool>,
-    /// A prefetch asked for before the workers started.
+    /// Prefetches asked for before the workers started.
     pending: Mutex<Vec<Range<u64>>>,
 }
 
@@ -273,6 +322,15 @@ impl std::fmt::Debug for RemoteSource {
             .field("disk", &self.inner.disk.as_ref().map(|d| d.key_hex()))
             .finish_non_exhaustive()
     }
+}
+
+/// How an [`Inner::obtain`] treats what others are fetching.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The caller needs every byte: wait for them.
+    Need,
+    /// Read-ahead: leave what others fetch to them.
+    Ahead,
 }
 
 impl RemoteSource {
@@ -292,36 +350,38 @@ impl RemoteSource {
         store: Arc<dyn ObjectStore>,
         version: ObjectVersion,
         disk: Option<Arc<ChunkCache>>,
-        config: RemoteConfig,
+        mut config: RemoteConfig,
     ) -> RemoteSource {
+        // Requests and read-ahead in whole pages.
+        config.max_request_bytes = config.max_request_bytes.max(PAGE) / PAGE * PAGE;
         let meta = ObjectMeta::new(&store.describe(), &version, config.chunk_size);
         let disk = disk.and_then(|cache| match cache.object(meta.clone()) {
             Ok(chunks) => Some(chunks),
             Err(e) => {
                 tracing::warn!(
-                    "cannot use the chunk cache {} for {}: {e}; keeping chunks in memory only",
+                    "cannot use the chunk cache {} for {}: {e}; keeping pages in memory only",
                     cache.path().display(),
                     meta.address
                 );
                 None
             }
         });
-        let memory = Cache::with_options(
-            OptionsBuilder::new()
-                .estimated_items_capacity(
-                    (config.memory_bytes / config.chunk_size as u64).clamp(4, 4096) as usize,
-                )
-                .weight_capacity(config.memory_bytes.max(1))
-                // One shard: a few large entries, and one budget for all of them.
-                .shards(1)
-                // Chunks read ahead must survive until their reader comes.
-                .hot_allocation(0.5)
-                .build()
-                .expect("valid cache options"),
-            ChunkWeight,
-            DefaultHashBuilder::default(),
-            Default::default(),
-        );
+        let memory = disk.is_none().then(|| {
+            Cache::with_options(
+                OptionsBuilder::new()
+                    .estimated_items_capacity(
+                        (config.memory_bytes / PAGE).clamp(16, 1 << 16) as usize
+                    )
+                    .weight_capacity(config.memory_bytes.max(1))
+                    // Pages read ahead must survive until their reader comes.
+                    .hot_allocation(0.5)
+                    .build()
+                    .expect("valid cache options"),
+                PageWeight,
+                DefaultHashBuilder::default(),
+                Default::default(),
+            )
+        });
         RemoteSource {
             inner: Arc::new(Inner {
                 store,
@@ -331,6 +391,7 @@ impl RemoteSource {
                 disk,
                 memory,
                 config,
+                fetching: Fetching::default(),
                 streams: Mutex::new(Streams::default()),
                 counters: Counters::default(),
             }),
@@ -350,12 +411,17 @@ impl RemoteSource {
         &self.inner.version
     }
 
-    /// The user's chunk cache directory, when chunks go to disk.
+    /// How it reads.
+    pub fn config(&self) -> &RemoteConfig {
+        &self.inner.config
+    }
+
+    /// The user's chunk cache directory, when pages go to disk.
     pub fn disk_cache_dir(&self) -> Option<&std::path::Path> {
         self.inner.disk.as_ref().map(|d| d.cache().path())
     }
 
-    /// True when chunks go to the disk cache.
+    /// True when pages go to the disk cache.
     pub fn has_disk_cache(&self) -> bool {
         self.inner.disk.is_some()
     }
@@ -365,40 +431,23 @@ impl RemoteSource {
         &self.inner.counters
     }
 
-    /// How it reads.
-    pub fn config(&self) -> &RemoteConfig {
-        &self.inner.config
-    }
-
-    /// Load the bytes `range` now (coalesced, as one read would).
+    /// Fetch the bytes `range` now, in requests as large as allowed.
     pub fn warm(&self, range: Range<u64>) -> io::Result<()> {
-        let chunks = self.inner.chunk_range(range);
-        let per = self.inner.config.chunks_per_request();
-        let mut start = chunks.start;
-        while start < chunks.end {
-            let end = (start + per).min(chunks.end);
-            self.inner.load(start..end, Mode::Need)?;
-            start = end;
-        }
-        Ok(())
+        self.inner.fill(range, Mode::Need)
     }
 
     /// Fetch the bytes `range` in the background (into the disk cache; without one, into
     /// memory, as much as fits in half of it). Starts when the workers do.
     pub fn prefetch(&self, range: Range<u64>) {
-        let chunks = self.inner.chunk_range(range);
-        if chunks.is_empty() {
-            return;
-        }
         match self.pool.get() {
             Some(pool) => {
-                let _ = pool.jobs.try_send(Job::Fill(chunks));
+                let _ = pool.jobs.try_send(Job::Fill(range));
             }
             None => self
                 .pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(chunks),
+                .push(range),
         }
     }
 
@@ -424,8 +473,8 @@ impl RemoteSource {
             Pool { jobs: tx }
         });
         let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        for chunks in pending {
-            let _ = pool.jobs.try_send(Job::Fill(chunks));
+        for range in pending {
+            let _ = pool.jobs.try_send(Job::Fill(range));
         }
     }
 
@@ -436,10 +485,10 @@ impl RemoteSource {
         if inner.disk.is_none() {
             return Err(io::Error::other("there is no disk cache to fill"));
         }
-        let count = inner.meta.chunk_count();
-        let per = inner.config.chunks_per_request();
-        let next = std::sync::atomic::AtomicU64::new(0);
-        let done = std::sync::atomic::AtomicU64::new(0);
+        let len = inner.meta.len;
+        let step = inner.config.max_request_bytes;
+        let next = AtomicU64::new(0);
+        let done = AtomicU64::new(0);
         let failed: Mutex<Option<io::Error>> = Mutex::new(None);
         std::thread::scope(|s| {
             for _ in 0..parallel.max(1) {
@@ -447,18 +496,16 @@ impl RemoteSource {
                     if failed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
                         return;
                     }
-                    let start = next.fetch_add(per, std::sync::atomic::Ordering::Relaxed);
-                    if start >= count {
+                    let start = next.fetch_add(step, Ordering::Relaxed);
+                    if start >= len {
                         return;
                     }
-                    let range = start..(start + per).min(count);
-                    let bytes: u64 = range.clone().map(|i| inner.meta.chunk_len(i) as u64).sum();
-                    if let Err(e) = inner.fill(range, true) {
+                    let end = (start + step).min(len);
+                    if let Err(e) = inner.obtain(start, (end - start) as usize, None, Mode::Need) {
                         *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                         return;
                     }
-                    let d = done.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
-                    progress(d);
+                    progress(done.fetch_add(end - start, Ordering::Relaxed) + end - start);
                 });
             }
         });
@@ -489,18 +536,8 @@ fn worker(inner: Weak<Inner>, jobs: Arc<Mutex<Receiver<Job>>>) {
         let Ok(job) = job else { return };
         let Some(inner) = inner.upgrade() else { return };
         let result = match job {
-            Job::ReadAhead(chunks) => inner.load(chunks, Mode::Ahead).map(drop),
-            Job::Fill(chunks) => {
-                let per = inner.config.chunks_per_request();
-                let mut r = Ok(());
-                let mut start = chunks.start;
-                while start < chunks.end && r.is_ok() {
-                    let end = (start + per).min(chunks.end);
-                    r = inner.fill(start..end, false);
-                    start = end;
-                }
-                r
-            }
+            Job::ReadAhead(range) => inner.fill(range, Mode::Ahead),
+            Job::Fill(range) => inner.fill(range, Mode::Need),
         };
         if let Err(e) = result {
             tracing::debug!("background fetch of {} failed: {e}", inner.meta.address);
@@ -508,260 +545,303 @@ fn worker(inner: Weak<Inner>, jobs: Arc<Mutex<Receiver<Job>>>) {
     }
 }
 
-/// How a load treats chunks other threads are loading.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// The caller needs every chunk: wait for them.
-    Need,
-    /// Read-ahead: skip what others load, and failures cost nothing.
-    Ahead,
-}
-
 impl Inner {
-    fn chunk_range(&self, bytes: Range<u64>) -> Range<u64> {
-        let cs = self.config.chunk_size as u64;
-        let end = bytes.end.min(self.meta.len);
-        if bytes.start >= end {
-            return 0..0;
-        }
-        bytes.start / cs..end.div_ceil(cs)
-    }
-
     fn error(&self, e: RemoteError) -> io::Error {
         let kind = io::Error::from(e.clone()).kind();
         io::Error::new(kind, format!("{}: {e}", self.meta.address))
     }
 
-    /// One range request for chunks `run` (neighbours), bounded by the request slots.
-    fn fetch_run(&self, run: Range<u64>) -> io::Result<Vec<u8>> {
-        let cs = self.config.chunk_size as u64;
-        let start = run.start * cs;
-        let end = (run.end * cs).min(self.meta.len);
-        let deadline = Instant::now() + self.config.wait_limit;
-        let _slot = self.slots.take(deadline).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "{}: no request slot came free within {} s",
-                    self.meta.address,
-                    self.config.wait_limit.as_secs()
-                ),
-            )
-        })?;
-        let mut buf = vec![0u8; (end - start) as usize];
-        self.counters
-            .requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.store
-            .read_range(&self.version, start, &mut buf)
-            .map_err(|e| self.error(e))?;
-        self.counters
-            .bytes_fetched
-            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(buf)
-    }
-
-    fn chunk_slice<'b>(&self, buf: &'b [u8], run_start: u64, index: u64) -> &'b [u8] {
-        let cs = self.config.chunk_size as usize;
-        let at = (index - run_start) as usize * cs;
-        &buf[at..at + self.meta.chunk_len(index)]
-    }
-
-    fn read_disk(&self, index: u64) -> Option<Chunk> {
-        let bytes = self.disk.as_ref()?.read(index)?;
-        self.counters
-            .disk_hits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some(Arc::new(bytes))
-    }
-
-    /// The chunks `range`, from memory, disk or the store. In `Ahead` mode chunks others
-    /// are loading are skipped (`None`).
-    fn load(&self, range: Range<u64>, mode: Mode) -> io::Result<Vec<Option<Chunk>>> {
-        let base = range.start;
-        let mut out: Vec<Option<Chunk>> = vec![None; (range.end - range.start) as usize];
-        let mut guards: Vec<(u64, Guard<'_>)> = Vec::new();
-        let mut others: Vec<u64> = Vec::new();
-        for index in range.clone() {
-            match self.memory.get_value_or_guard(&index, Some(Duration::ZERO)) {
-                GuardResult::Value(v) => out[(index - base) as usize] = Some(v),
-                GuardResult::Guard(g) => guards.push((index, g)),
-                GuardResult::Timeout => others.push(index),
-            }
-        }
-        // What the disk has.
-        let mut missing = Vec::new();
-        for (index, guard) in guards {
-            match self.read_disk(index) {
-                Some(chunk) => {
-                    let _ = guard.insert(chunk.clone());
-                    out[(index - base) as usize] = Some(chunk);
-                }
-                None => missing.push((index, guard)),
-            }
-        }
-        // The rest from the store, coalesced.
-        let fetched = self.fetch_guarded(missing, true)?;
-        for (index, chunk) in fetched {
-            out[(index - base) as usize] = Some(chunk);
-        }
-        if mode == Mode::Need {
-            // Chunks another thread of this process is loading: wait for them, holding
-            // no placeholder of our own, so two readers never wait for each other.
-            for index in others {
-                let chunk = match self
-                    .memory
-                    .get_value_or_guard(&index, Some(self.config.wait_limit))
-                {
-                    GuardResult::Value(v) => v,
-                    GuardResult::Guard(g) => match self.read_disk(index) {
-                        Some(c) => {
-                            let _ = g.insert(c.clone());
-                            c
-                        }
-                        None => {
-                            let mut got = self.fetch_guarded(vec![(index, g)], true)?;
-                            got.pop().expect("one chunk fetched").1
-                        }
-                    },
-                    GuardResult::Timeout => {
-                        return Err(self.wait_timed_out(index));
-                    }
-                };
-                out[(index - base) as usize] = Some(chunk);
-            }
-        }
-        Ok(out)
-    }
-
-    fn wait_timed_out(&self, index: u64) -> io::Error {
+    fn timed_out(&self, what: &str) -> io::Error {
         io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
-                "{}: chunk {index} did not arrive within {} s",
+                "{}: {what} within {} s",
                 self.meta.address,
                 self.config.wait_limit.as_secs()
             ),
         )
     }
 
-    /// Fetch the chunks whose placeholders the caller holds: claim them in the disk cache
-    /// (another process may be fetching some: wait for those, after fetching the rest,
-    /// holding no claim), fetch the claimed ones in runs of neighbours, write them to disk
-    /// and, if `into_memory`, to memory. Returns the chunks when `into_memory`.
-    fn fetch_guarded<'g>(
-        &'g self,
-        chunks: Vec<(u64, Guard<'g>)>,
-        into_memory: bool,
-    ) -> io::Result<Vec<(u64, Chunk)>> {
-        let mut got = Vec::new();
-        let mut mine = Vec::new();
-        let mut busy = Vec::new();
-        for (index, guard) in chunks {
-            match &self.disk {
-                None => mine.push((index, guard, None)),
-                Some(disk) => match disk.claim(index) {
-                    ClaimResult::Mine(c) => mine.push((index, guard, Some(c))),
-                    ClaimResult::Busy => busy.push((index, guard)),
-                    ClaimResult::Present if !into_memory => drop(guard),
-                    ClaimResult::Present => match self.read_disk(index) {
-                        Some(c) => {
-                            let _ = guard.insert(c.clone());
-                            got.push((index, c));
-                        }
-                        None => mine.push((index, guard, None)),
-                    },
-                },
-            }
+    /// Bytes `range` into the cache (in memory without a disk cache: as much as fits in
+    /// half of it), in windows of one request each.
+    fn fill(&self, range: Range<u64>, mode: Mode) -> io::Result<()> {
+        let mut end = range.end.min(self.meta.len);
+        if self.memory.is_some() {
+            end = end.min(range.start.saturating_add(self.config.memory_bytes / 2));
         }
-        let per = self.config.chunks_per_request();
-        while !mine.is_empty() {
-            let mut n = 1;
-            while n < mine.len() && mine[n].0 == mine[n - 1].0 + 1 && (n as u64) < per {
-                n += 1;
-            }
-            let run = mine[0].0..mine[n - 1].0 + 1;
-            let buf = self.fetch_run(run.clone())?;
-            for (index, guard, claim) in mine.drain(..n) {
-                let bytes = self.chunk_slice(&buf, run.start, index);
-                if let Some(c) = claim {
-                    c.commit(bytes);
-                }
-                if into_memory {
-                    let chunk = Arc::new(bytes.to_vec());
-                    let _ = guard.insert(chunk.clone());
-                    got.push((index, chunk));
-                }
-            }
-        }
-        for (index, guard) in busy {
-            let disk = self.disk.as_ref().expect("busy only with a disk cache");
-            let deadline = Instant::now() + self.config.wait_limit;
-            let chunk = match disk.wait_for(index, deadline) {
-                WaitResult::Arrived(bytes) => Arc::new(bytes),
-                WaitResult::Mine(claim) => {
-                    let buf = self.fetch_run(index..index + 1)?;
-                    claim.commit(&buf);
-                    Arc::new(buf)
-                }
-                // Its fetcher is stuck: fetch it without writing.
-                WaitResult::TimedOut => Arc::new(self.fetch_run(index..index + 1)?),
-            };
-            if into_memory {
-                let _ = guard.insert(chunk.clone());
-                got.push((index, chunk));
-            }
-        }
-        Ok(got)
-    }
-
-    /// Put chunks `range` in the disk cache. With `must`, every chunk is there at the end
-    /// or this fails; without, chunks others are loading are left to them. Without a disk
-    /// cache, into memory, as much as fits in half of it.
-    fn fill(&self, range: Range<u64>, must: bool) -> io::Result<()> {
-        let Some(disk) = &self.disk else {
-            let limit = self.config.memory_bytes / 2 / self.config.chunk_size as u64;
-            let end = range.end.min(range.start + limit);
-            return self.load(range.start..end, Mode::Ahead).map(drop);
-        };
-        let mut guards = Vec::new();
-        let mut others = Vec::new();
-        for index in range {
-            if disk.contains(index) || (!must && self.memory.peek(&index).is_some()) {
-                continue;
-            }
-            match self.memory.get_value_or_guard(&index, Some(Duration::ZERO)) {
-                GuardResult::Guard(g) => guards.push((index, g)),
-                // In memory only (fetched while the disk refused writes): write it now.
-                GuardResult::Value(v) if must => {
-                    if let ClaimResult::Mine(c) = disk.claim(index) {
-                        c.commit(&v);
-                    }
-                }
-                GuardResult::Value(_) => {}
-                GuardResult::Timeout => others.push(index),
-            }
-        }
-        self.fetch_guarded(guards, false)?;
-        if must {
-            // Chunks another thread was loading: on disk once it is done, unless it failed
-            // (then the placeholder comes to us).
-            for index in others {
-                match self
-                    .memory
-                    .get_value_or_guard(&index, Some(self.config.wait_limit))
-                {
-                    GuardResult::Guard(g) if !disk.contains(index) => {
-                        self.fetch_guarded(vec![(index, g)], false)?;
-                    }
-                    GuardResult::Timeout => {
-                        return Err(self.wait_timed_out(index));
-                    }
-                    _ => {}
-                }
-            }
+        let step = self.config.max_request_bytes;
+        let mut at = range.start;
+        while at < end {
+            let stop = (at + step).min(end);
+            self.obtain(at, (stop - at) as usize, None, mode)?;
+            at = stop;
         }
         Ok(())
+    }
+
+    /// The wants of bytes `offset..offset + len`: whole pages, split by chunk.
+    fn wants(&self, offset: u64, len: usize) -> Vec<Want> {
+        let cs = self.config.chunk_size as u64;
+        let mut out = Vec::new();
+        let (mut page, end) = (offset / PAGE, (offset + len as u64).div_ceil(PAGE));
+        while page < end {
+            let chunk = page * PAGE / cs;
+            let first = (page - chunk * cs / PAGE) as u32;
+            let last = (end - chunk * cs / PAGE).min(cs / PAGE) as u32;
+            out.push(Want {
+                chunk,
+                pages: first..last,
+            });
+            page = chunk * cs / PAGE + last as u64;
+        }
+        out
+    }
+
+    /// The object's bytes of pages `pages` of `chunk`.
+    fn page_bytes(&self, chunk: u64, pages: &Range<u32>) -> Range<u64> {
+        let base = chunk * self.config.chunk_size as u64;
+        let start = base + pages.start as u64 * PAGE;
+        let end = (base + pages.end as u64 * PAGE).min(self.meta.len);
+        start..end
+    }
+
+    /// Copy what of `data` (the object's bytes from `at`) falls in `out` (the object's
+    /// bytes from `offset`).
+    fn copy_out(out: &mut [u8], offset: u64, data: &[u8], at: u64) {
+        let from = offset.max(at);
+        let to = (offset + out.len() as u64).min(at + data.len() as u64);
+        if from < to {
+            out[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
+        }
+    }
+
+    /// Serve `want` from the cache into `out` (just check it is there when `out` is
+    /// `None`); false when some page is missing.
+    fn serve(
+        &self,
+        want: &Want,
+        out: Option<&mut [u8]>,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> bool {
+        if want.pages.is_empty() {
+            return true;
+        }
+        let at = self.page_bytes(want.chunk, &want.pages).start;
+        if let Some(memory) = &self.memory {
+            let first = at / PAGE;
+            let pages: Option<Vec<_>> = (0..want.pages.len() as u64)
+                .map(|k| memory.get(&(first + k)))
+                .collect();
+            let Some(pages) = pages else { return false };
+            if let Some(out) = out {
+                for (k, page) in pages.iter().enumerate() {
+                    Self::copy_out(out, offset, page, at + k as u64 * PAGE);
+                }
+            }
+            return true;
+        }
+        let Some(disk) = &self.disk else { return false };
+        let Some(stored) = disk.open_chunk(want.chunk) else {
+            return false;
+        };
+        if !stored.present().covers(want.pages.clone()) {
+            return false;
+        }
+        let Some(out) = out else { return true };
+        match stored.read_pages(want.pages.clone(), scratch) {
+            Ok(()) => {
+                Self::copy_out(out, offset, scratch, at);
+                true
+            }
+            Err(why) => {
+                disk.drop_damaged(want.chunk, stored.file(), &why);
+                false
+            }
+        }
+    }
+
+    /// The pages of `want` not in the cache, as one span; `None` when all are there.
+    fn missing(&self, want: &Want) -> Option<Range<u32>> {
+        if let Some(memory) = &self.memory {
+            let first = self.page_bytes(want.chunk, &want.pages).start / PAGE;
+            let have = |p: u32| {
+                memory
+                    .peek(&(first + (p - want.pages.start) as u64))
+                    .is_some()
+            };
+            let a = want.pages.clone().find(|&p| !have(p))?;
+            let b = want.pages.clone().rev().find(|&p| !have(p))?;
+            return Some(a..b + 1);
+        }
+        match self.disk.as_ref().and_then(|d| d.open_chunk(want.chunk)) {
+            Some(stored) => stored.present().missing_span(want.pages.clone()),
+            None => Some(want.pages.clone()),
+        }
+    }
+
+    /// Make bytes `offset..offset + len` (at most one request's worth) available, and copy
+    /// them into `out` when given.
+    fn obtain(
+        &self,
+        offset: u64,
+        len: usize,
+        mut out: Option<&mut [u8]>,
+        mode: Mode,
+    ) -> io::Result<()> {
+        let deadline = Instant::now() + self.config.wait_limit;
+        let mut wants = self.wants(offset, len);
+        let mut scratch = Vec::new();
+        loop {
+            wants.retain(|w| !self.serve(w, out.as_deref_mut(), offset, &mut scratch));
+            if wants.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                // Pages fetched kept going missing (a cache that loses what it is given).
+                return Err(self.timed_out("the pages could not be had"));
+            }
+            let mut mine = Vec::new();
+            let mut local = Vec::new();
+            let mut remote = Vec::new();
+            for w in wants {
+                let Some(taken) = self.fetching.try_take(w.chunk) else {
+                    local.push(w);
+                    continue;
+                };
+                match &self.disk {
+                    None => mine.push((w, taken, None)),
+                    Some(disk) => match disk.claim(w.chunk) {
+                        ClaimResult::Mine(c) => mine.push((w, taken, Some(c))),
+                        ClaimResult::Busy => remote.push(w),
+                    },
+                }
+            }
+            if !mine.is_empty() {
+                let unserved = self.fetch(mine, out.as_deref_mut(), offset, &mut scratch)?;
+                wants = unserved.into_iter().chain(local).chain(remote).collect();
+                continue;
+            }
+            if mode == Mode::Ahead {
+                return Ok(());
+            }
+            if let Some(w) = local.first() {
+                if !self.fetching.wait(w.chunk, deadline) {
+                    return Err(self.timed_out(&format!("chunk {} did not arrive", w.chunk)));
+                }
+            } else if let Some(w) = remote.first() {
+                let disk = self.disk.as_ref().expect("remote claims need a disk cache");
+                if let WaitResult::TimedOut = disk.wait_for(w.chunk, deadline) {
+                    // Its fetcher is stuck: fetch it without writing it.
+                    let taken = self.fetching.try_take(w.chunk);
+                    if let Some(taken) = taken {
+                        let mut rest = remote.split_off(1);
+                        let w = remote.pop().expect("one");
+                        let unserved = self.fetch(
+                            vec![(w, taken, None)],
+                            out.as_deref_mut(),
+                            offset,
+                            &mut scratch,
+                        )?;
+                        rest.extend(unserved);
+                        wants = local.into_iter().chain(rest).collect();
+                        continue;
+                    }
+                }
+            }
+            wants = local.into_iter().chain(remote).collect();
+        }
+    }
+
+    /// Fetch what `mine` (wants whose chunks this thread holds) lacks: coalesced into
+    /// requests of neighbouring pages, written to the cache, copied into `out`. Returns the
+    /// wants still not served (pages that were there a moment ago and now are not).
+    fn fetch(
+        &self,
+        mine: Vec<(Want, Taken<'_>, Option<super::chunks::Claim<'_>>)>,
+        mut out: Option<&mut [u8]>,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<Vec<Want>> {
+        // What each lacks, looked at again now that the chunk is ours.
+        let mut jobs = Vec::new();
+        let mut unserved = Vec::new();
+        for (w, taken, claim) in mine {
+            match self.missing(&w) {
+                None => {
+                    if !self.serve(&w, out.as_deref_mut(), offset, scratch) {
+                        unserved.push(w);
+                    }
+                }
+                Some(span) => jobs.push((w, span, taken, claim)),
+            }
+        }
+        while !jobs.is_empty() {
+            // A run: the spans that follow on from one another, up to one request.
+            let mut j = 1;
+            let mut range = self.page_bytes(jobs[0].0.chunk, &jobs[0].1);
+            while j < jobs.len() {
+                let next = self.page_bytes(jobs[j].0.chunk, &jobs[j].1);
+                if next.start != range.end || next.end - range.start > self.config.max_request_bytes
+                {
+                    break;
+                }
+                range.end = next.end;
+                j += 1;
+            }
+            let data = self.request(range.clone())?;
+            for (w, span, taken, claim) in jobs.drain(..j) {
+                let bytes = self.page_bytes(w.chunk, &span);
+                let part =
+                    &data[(bytes.start - range.start) as usize..(bytes.end - range.start) as usize];
+                if let Some(c) = claim {
+                    c.commit(span.start, part);
+                }
+                if let Some(memory) = &self.memory {
+                    for (k, page) in part.chunks(PAGE as usize).enumerate() {
+                        memory.insert(bytes.start / PAGE + k as u64, Arc::new(page.to_vec()));
+                    }
+                }
+                drop(taken);
+                if let Some(out) = out.as_deref_mut() {
+                    Self::copy_out(out, offset, part, bytes.start);
+                    // The pages of the want around the span were there already.
+                    let before = Want {
+                        chunk: w.chunk,
+                        pages: w.pages.start..span.start,
+                    };
+                    let after = Want {
+                        chunk: w.chunk,
+                        pages: span.end..w.pages.end,
+                    };
+                    for side in [before, after] {
+                        if !self.serve(&side, Some(&mut *out), offset, scratch) {
+                            unserved.push(side);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(unserved)
+    }
+
+    /// One range request, bounded by the request slots.
+    fn request(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
+        let deadline = Instant::now() + self.config.wait_limit;
+        let _slot = self
+            .slots
+            .take(deadline)
+            .ok_or_else(|| self.timed_out("no request slot came free"))?;
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.store
+            .read_range(&self.version, range.start, &mut buf)
+            .map_err(|e| self.error(e))?;
+        self.counters
+            .bytes_fetched
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(buf)
     }
 }
 
@@ -785,34 +865,27 @@ impl ReadAt for RemoteSource {
         if buf.is_empty() {
             return Ok(());
         }
-        let cs = inner.config.chunk_size as u64;
-        let (first, last) = (offset / cs, (end - 1) / cs);
-        let max_window = (inner.config.read_ahead_bytes / cs).max(1);
         let ahead = inner
             .streams
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .on_read(first, last, max_window)
-            .map(|r| r.start..r.end.min(inner.meta.chunk_count()))
+            .on_read(
+                offset,
+                end,
+                inner.config.chunk_size as u64,
+                inner.config.read_ahead_bytes.max(PAGE),
+            )
+            .map(|r| r.start..r.end.min(inner.meta.len))
             .filter(|r| !r.is_empty());
-        let per = inner.config.chunks_per_request();
-        let mut index = first;
-        while index <= last {
-            let group_end = (index + per).min(last + 1);
-            let chunks = inner.load(index..group_end, Mode::Need)?;
-            for (k, chunk) in chunks.iter().enumerate() {
-                let chunk = chunk.as_ref().expect("Need mode loads every chunk");
-                let chunk_start = (index + k as u64) * cs;
-                let from = offset.max(chunk_start);
-                let to = end.min(chunk_start + chunk.as_slice().len() as u64);
-                buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(
-                    &chunk[(from - chunk_start) as usize..(to - chunk_start) as usize],
-                );
-            }
-            index = group_end;
+        // In windows of a few requests, so that a huge read holds few chunks at once.
+        let step = 4 * inner.config.max_request_bytes as usize;
+        for (k, part) in buf.chunks_mut(step).enumerate() {
+            let at = offset + (k * step) as u64;
+            let len = part.len();
+            inner.obtain(at, len, Some(part), Mode::Need)?;
         }
         // Read-ahead: by the workers beside this read, or, without workers, now, so that
-        // the next reads find their chunks (a failure here is the next read's to report).
+        // the next reads find their bytes (a failure here is the next read's to report).
         let started = self.background_started();
         if let Some(ahead) = ahead {
             match self.pool.get() {
@@ -824,7 +897,7 @@ impl ReadAt for RemoteSource {
                     }
                 }
                 _ => {
-                    let _ = inner.load(ahead, Mode::Ahead);
+                    let _ = inner.fill(ahead, Mode::Ahead);
                 }
             }
         }

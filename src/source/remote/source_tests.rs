@@ -6,7 +6,11 @@ use std::sync::atomic::Ordering;
 
 use crate::source::remote::MemoryObject;
 
-const CS: u32 = 4096;
+use crate::source::remote::chunks::PAGE_SIZE;
+
+const P: u64 = PAGE_SIZE as u64;
+/// Four pages a chunk.
+const CS: u32 = 4 * PAGE_SIZE;
 
 fn config() -> RemoteConfig {
     RemoteConfig {
@@ -90,20 +94,39 @@ fn reads_anywhere_return_the_object_bytes() {
 }
 
 #[test]
-fn neighbouring_missing_chunks_come_in_one_request_up_to_the_limit() {
+fn neighbouring_missing_pages_come_in_one_request_up_to_the_limit() {
     let f = fixture(20);
     let mut c = config();
     c.workers = 0;
     let src = f.open(c);
     assert_eq!(f.object.requests(), 1, "opening asks the version once");
-    // Chunks 2..=4 in one read: one request.
+    // Pages 8..=16 (chunks 2 to 4) in one read: one request, for those pages only.
     read(&src, 2 * CS as u64 + 10, 2 * CS as usize + 100).unwrap();
     assert_eq!(f.object.requests(), 2);
-    assert_eq!(f.object.bytes_served(), 3 * CS as u64);
-    // Chunks 1..=10: 4 and 2..=4 are cached; 1, then 5..=10 in runs of at most 4.
+    assert_eq!(f.object.bytes_served(), 9 * P);
+    // Pages 4..44: 4..8 missing, 8..17 cached, 17..44 missing; requests of at most 16
+    // pages, runs across chunk boundaries.
     read(&src, CS as u64, 10 * CS as usize).unwrap();
-    assert_eq!(f.object.requests(), 2 + 1 + 2);
-    assert_eq!(f.object.bytes_served(), 10 * CS as u64);
+    assert_eq!(f.object.requests(), 2 + 3);
+    assert_eq!(f.object.bytes_served(), 40 * P);
+}
+
+#[test]
+fn a_small_read_fetches_its_pages_not_its_chunk() {
+    let f = fixture(20);
+    let mut c = config();
+    c.workers = 0;
+    let src = f.open(c);
+    // 100 bytes inside one page, then 100 bytes across two pages of another chunk.
+    read(&src, 5 * CS as u64 + P + 7, 100).unwrap();
+    assert_eq!(f.object.bytes_served(), P);
+    read(&src, 9 * CS as u64 + 2 * P - 50, 100).unwrap();
+    assert_eq!(f.object.bytes_served(), 3 * P);
+    // The rest of the first chunk: one request from its first missing page to its last,
+    // the page it held in between included.
+    read(&src, 5 * CS as u64, CS as usize).unwrap();
+    assert_eq!(f.object.bytes_served(), 7 * P);
+    assert!(src.inner.disk.as_ref().unwrap().contains(5));
 }
 
 #[test]
@@ -216,12 +239,8 @@ fn without_a_disk_cache_memory_stays_within_its_budget() {
                 "{round}"
             );
         }
-        assert!(
-            src.inner.memory.weight() <= c.memory_bytes,
-            "{} > {}",
-            src.inner.memory.weight(),
-            c.memory_bytes
-        );
+        let weight = src.inner.memory.as_ref().unwrap().weight();
+        assert!(weight <= c.memory_bytes, "{weight} > {}", c.memory_bytes);
     }
 }
 
@@ -445,19 +464,19 @@ fn two_processes_fill_one_cache_fetching_each_chunk_once() {
         );
     }
     let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
-    let mut covered = vec![0u32; 200];
+    let mut covered = vec![0u32; 200 * (CS as u64 / P) as usize];
     let mut requests = 0;
     for line in log.lines() {
         let mut it = line.split(' ').map(|x| x.parse::<u64>().unwrap());
         let (off, len) = (it.next().unwrap(), it.next().unwrap());
         requests += 1;
-        for c in off / CS as u64..(off + len).div_ceil(CS as u64) {
-            covered[c as usize] += 1;
+        for page in off / P..(off + len).div_ceil(P) {
+            covered[page as usize] += 1;
         }
     }
     assert!(
         covered.iter().all(|&n| n == 1),
-        "chunks fetched other than once: {:?} ({requests} requests)",
+        "pages fetched other than once: {:?} ({requests} requests)",
         covered
             .iter()
             .enumerate()
