@@ -9,27 +9,32 @@
 //! DIR/<uid>/<key>/                one object version: key = sha256(address, validator,
 //!                                 length, chunk size), 64 hex digits
 //! DIR/<uid>/<key>/object.json     what the object is, for `sifuse cache info`
-//! DIR/<uid>/<key>/<index>         chunk `index` (12 hex digits): a 64-byte header, then
-//!                                 the chunk's bytes
-//! DIR/<uid>/<key>/<index>.part    a chunk being fetched: the fetcher holds flock on it
+//! DIR/<uid>/<key>/<index>         chunk `index` (12 hex digits): a 4 KiB header, then
+//!                                 the chunk's pages at their place (a sparse file)
+//! DIR/<uid>/<key>/<index>.part    the next version of a chunk being written: whoever
+//!                                 holds flock on it is fetching pages of that chunk
 //! ```
 //!
-//! - **Integrity.** The header names the object key, the index and the length, and carries
-//!   an xxh3 checksum of header and bytes; a chunk is verified whenever it is read back. A
-//!   truncated, torn or corrupt file is removed and fetched again, never served. A chunk is
-//!   written to its `.part` file and renamed into place, so a reader sees a whole chunk or
-//!   none.
-//! - **Fetched once per node.** A process that needs a chunk nobody has creates or opens
-//!   its `.part` file and takes an exclusive flock without waiting. Holding the lock, it
-//!   fetches, writes and renames. Any other process finds the lock taken and waits (a
-//!   bounded time, polling) for the chunk to appear; if the holder dies, the kernel drops
-//!   its lock and the next one takes over.
+//! - **Pages.** The unit of fetching is the 4 KiB page ([`PAGE_SIZE`]): a chunk file holds
+//!   the pages fetched so far. Its header names the object key, the index and the length,
+//!   which pages it holds with an xxh3 checksum of each, and a checksum of the header.
+//!   Pages are checked whenever they are read back; a file whose header or pages do not
+//!   check is removed and its pages fetched again, never served.
+//! - **Written by rename.** Pages are added by writing a new file (the pages held and the
+//!   new ones) to the `.part` file and renaming it over the chunk, so a reader sees one
+//!   whole version of the file or the other.
+//! - **Fetched once per node.** A process that fetches pages of a chunk creates or opens
+//!   its `.part` file and takes an exclusive flock without waiting. Any other process that
+//!   needs pages of that chunk finds the lock taken and waits (a bounded time, polling),
+//!   then looks again and fetches only what is still missing. If the holder dies, the
+//!   kernel drops its lock.
 //! - **Bounded.** Files are touched (mtime) when used, at most once a minute each; an
 //!   eviction pass removes the least recently used chunks until the cache holds at most
-//!   15/16 of its budget. Each process runs a pass when it has written a sixteenth of the
-//!   budget (at most 64 MiB) since its last one, so the cache exceeds its budget by at most
-//!   that much per writing process. Removing a chunk while another process reads it is
-//!   safe: an open file stays readable, and a missing one is fetched again.
+//!   15/16 of its budget (counting the blocks files occupy). Each process runs a pass when
+//!   it has written a sixteenth of the budget (at most 64 MiB) since its last one, so the
+//!   cache exceeds its budget by at most that much per writing process. Removing a chunk
+//!   while another process reads it is safe: an open file stays readable, and a missing
+//!   one is fetched again.
 //! - **Whose cache.** Only the user's own directory is used: it is opened by descriptor
 //!   without following a symbolic link, and refused unless it is owned by the user and
 //!   closed to everybody else (no group or other permission bits). Every file is then
@@ -37,9 +42,9 @@
 //!   read. So a user can neither read nor poison another user's cache, even in a shared
 //!   `DIR` (make that one mode 1777, as /tmp); the price is that two users of one image
 //!   each fetch their own copy (an HTTP cache in front of the store absorbs that).
-//! - **Full disk, read-only or unusable directory.** A chunk that cannot be written is
-//!   still served from memory; writing pauses for a minute and a warning says why. A cache
-//!   directory that cannot be opened leaves the caller to read without a disk cache.
+//! - **Full disk, read-only or unusable directory.** Pages that cannot be written are
+//!   still served; writing pauses for a minute and a warning says why. A cache directory
+//!   that cannot be opened leaves the caller to read without a disk cache.
 
 use std::fs::File;
 use std::io;
