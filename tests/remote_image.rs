@@ -90,7 +90,7 @@ fn check_image(name: &str) {
 #[test]
 fn without_a_disk_cache_the_same_tree_comes_out() {
     let dir = scratch("remote-memory-");
-    for name in ["gzip", "zstd_b1m"] {
+    for name in ["gzip", "zstd-b1m"] {
         let object = Arc::new(MemoryObject::new(
             std::fs::read(fixtures().image(name)).unwrap(),
         ));

@@ -679,12 +679,9 @@ impl PageSet {
     pub fn covers(&self, pages: Range<u32>) -> bool {
         pages.into_iter().all(|p| self.contains(p))
     }
-    /// The pages of `pages` not in the set, as one range from the first to the last
-    /// (fetching the few present ones between is cheaper than a second request).
-    pub fn missing_span(&self, pages: Range<u32>) -> Option<Range<u32>> {
-        let first = pages.clone().find(|&p| !self.contains(p))?;
-        let last = pages.rev().find(|&p| !self.contains(p))?;
-        Some(first..last + 1)
+    /// The runs of pages of `pages` not in the set.
+    pub fn missing_runs(&self, pages: Range<u32>) -> Vec<Range<u32>> {
+        runs(pages, |p| !self.contains(p))
     }
     fn bytes(&self) -> [u8; MAX_PAGES / 8] {
         let mut b = [0u8; MAX_PAGES / 8];
@@ -700,6 +697,18 @@ impl PageSet {
         }
         s
     }
+}
+
+/// The runs of pages of `pages` for which `pick` holds.
+pub fn runs(pages: Range<u32>, pick: impl Fn(u32) -> bool) -> Vec<Range<u32>> {
+    let mut out: Vec<Range<u32>> = Vec::new();
+    for p in pages.filter(|&p| pick(p)) {
+        match out.last_mut() {
+            Some(r) if r.end == p => r.end = p + 1,
+            _ => out.push(p..p + 1),
+        }
+    }
+    out
 }
 
 /// A chunk file, opened and its header verified: which pages it holds, and reading them.
@@ -1099,10 +1108,11 @@ impl<'a> Claim<'a> {
         self.index
     }
 
-    /// Add the pages `data` holds, from page `first` on, to the chunk: a new file with
-    /// the pages the chunk held and these, renamed over the old one. A failure to write is
-    /// reported once and pauses writing; the caller serves `data` whatever happens.
-    pub fn commit(mut self, first: u32, data: &[u8]) {
+    /// Add pages to the chunk: each piece is the bytes of the pages from its first page
+    /// on. A new file with the pages the chunk held and these is renamed over the old one.
+    /// A failure to write is reported once and pauses writing; the caller serves the pages
+    /// whatever happens.
+    pub fn commit(mut self, pieces: &[(u32, &[u8])]) {
         let Some((file, dir)) = self.file.take() else {
             return;
         };
@@ -1113,9 +1123,15 @@ impl<'a> Claim<'a> {
             let len = chunks.meta.chunk_len(index);
             let p = PAGE_SIZE as usize;
             let pages = chunks.meta.pages_in(index) as usize;
-            let start = first as usize * p;
-            if start + data.len() > len || (start + data.len() < len && data.len() % p != 0) {
-                return Err(io::Error::other("pages outside the chunk"));
+            let mut new = PageSet::default();
+            for (first, data) in pieces {
+                let start = *first as usize * p;
+                if start + data.len() > len || (start + data.len() < len && data.len() % p != 0) {
+                    return Err(io::Error::other("pages outside the chunk"));
+                }
+                for k in 0..data.len().div_ceil(p) {
+                    new.insert(first + k as u32);
+                }
             }
             // What the chunk holds already, verified (a damaged one is started afresh).
             let mut content = vec![0u8; len];
@@ -1124,9 +1140,7 @@ impl<'a> Claim<'a> {
                 let mut buf = Vec::new();
                 let mut ok = true;
                 for p0 in 0..pages as u32 {
-                    if old.present.contains(p0)
-                        && !(first..first + data.len().div_ceil(p) as u32).contains(&p0)
-                    {
+                    if old.present.contains(p0) && !new.contains(p0) {
                         if old.read_pages(p0..p0 + 1, &mut buf).is_err() {
                             ok = false;
                             break;
@@ -1139,9 +1153,12 @@ impl<'a> Claim<'a> {
                     present = PageSet::default();
                 }
             }
-            content[start..start + data.len()].copy_from_slice(data);
-            for k in 0..data.len().div_ceil(p) {
-                present.insert(first + k as u32);
+            for (first, data) in pieces {
+                let start = *first as usize * p;
+                content[start..start + data.len()].copy_from_slice(data);
+                for k in 0..data.len().div_ceil(p) {
+                    present.insert(first + k as u32);
+                }
             }
             let mut sums = vec![0u64; pages];
             for (n, sum) in sums.iter_mut().enumerate() {

@@ -23,7 +23,7 @@ fn payload(index: u64, len: usize) -> Vec<u8> {
 /// Write all of chunk `index` through a claim, as a fetcher does.
 fn put(chunks: &ObjectChunks, index: u64) {
     match chunks.claim(index) {
-        ClaimResult::Mine(c) => c.commit(0, &payload(index, chunks.meta().chunk_len(index))),
+        ClaimResult::Mine(c) => c.commit(&[(0, &payload(index, chunks.meta().chunk_len(index)))]),
         other => panic!("chunk {index}: expected to claim it, got {other:?}"),
     }
 }
@@ -161,15 +161,15 @@ fn pages_are_added_to_a_chunk_and_the_ones_held_kept() {
     let ClaimResult::Mine(c) = chunks.claim(1) else {
         panic!()
     };
-    c.commit(2, &all[2 * p..3 * p]);
+    c.commit(&[(2, &all[2 * p..3 * p])]);
     let ClaimResult::Mine(c) = chunks.claim(1) else {
         panic!()
     };
-    c.commit(0, &all[..p]);
+    c.commit(&[(0, &all[..p])]);
     let stored = chunks.open_chunk(1).unwrap();
     assert!(stored.present().covers(0..1) && stored.present().covers(2..3));
     assert!(!stored.present().contains(1) && !stored.present().contains(3));
-    assert_eq!(stored.present().missing_span(0..4), Some(1..4));
+    assert_eq!(stored.present().missing_runs(0..4), vec![1..2, 3..4]);
     let mut out = Vec::new();
     stored.read_pages(2..3, &mut out).unwrap();
     assert_eq!(out, &all[2 * p..3 * p]);
@@ -187,7 +187,7 @@ fn pages_are_added_to_a_chunk_and_the_ones_held_kept() {
     let ClaimResult::Mine(c) = chunks.claim(1) else {
         panic!()
     };
-    c.commit(3, &all[..2 * p]);
+    c.commit(&[(3, &all[..2 * p])]);
     assert!(!chunks.open_chunk(1).unwrap().present().contains(3));
 }
 
@@ -210,7 +210,7 @@ fn a_claim_excludes_other_fetchers_until_committed_or_given_up() {
         panic!("a claim given up did not pass on")
     };
     assert!(matches!(chunks.claim(0), ClaimResult::Busy));
-    claim.commit(0, &payload(0, CS as usize));
+    claim.commit(&[(0, &payload(0, CS as usize))]);
     assert_eq!(read(&chunks, 0).unwrap(), payload(0, CS as usize));
     assert!(matches!(chunks.claim(0), ClaimResult::Mine(_)));
 }
@@ -225,7 +225,7 @@ fn a_waiter_gets_the_claim_once_the_fetcher_is_done_or_times_out() {
         };
         s.spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
-            claim.commit(0, &payload(0, CS as usize));
+            claim.commit(&[(0, &payload(0, CS as usize))]);
         });
         let deadline = Instant::now() + Duration::from_secs(10);
         assert!(matches!(other.wait_for(0, deadline), WaitResult::Mine(_)));
@@ -378,7 +378,7 @@ fn an_unwritable_cache_still_lets_fetches_through() {
     std::fs::remove_dir_all(&objdir).unwrap();
     std::fs::write(&objdir, b"not a directory").unwrap();
     match chunks.claim(1) {
-        ClaimResult::Mine(c) => c.commit(0, &payload(1, CS as usize)),
+        ClaimResult::Mine(c) => c.commit(&[(0, &payload(1, CS as usize))]),
         other => panic!("{other:?}"),
     }
     assert!(cache.writes_paused());

@@ -39,7 +39,9 @@ use std::time::{Duration, Instant};
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 
-use super::chunks::{ChunkCache, ClaimResult, ObjectChunks, ObjectMeta, WaitResult, PAGE_SIZE};
+use super::chunks::{
+    runs, ChunkCache, ClaimResult, ObjectChunks, ObjectMeta, WaitResult, PAGE_SIZE,
+};
 use super::{ObjectStore, ObjectVersion, RemoteError};
 use crate::source::ReadAt;
 
@@ -662,22 +664,18 @@ impl Inner {
         }
     }
 
-    /// The pages of `want` not in the cache, as one span; `None` when all are there.
-    fn missing(&self, want: &Want) -> Option<Range<u32>> {
+    /// The runs of pages of `want` not in the cache.
+    fn missing(&self, want: &Want) -> Vec<Range<u32>> {
         if let Some(memory) = &self.memory {
             let first = self.page_bytes(want.chunk, &want.pages).start / PAGE;
-            let have = |p: u32| {
-                memory
-                    .peek(&(first + (p - want.pages.start) as u64))
-                    .is_some()
-            };
-            let a = want.pages.clone().find(|&p| !have(p))?;
-            let b = want.pages.clone().rev().find(|&p| !have(p))?;
-            return Some(a..b + 1);
+            let base = want.pages.start;
+            return runs(want.pages.clone(), |p| {
+                memory.peek(&(first + (p - base) as u64)).is_none()
+            });
         }
         match self.disk.as_ref().and_then(|d| d.open_chunk(want.chunk)) {
-            Some(stored) => stored.present().missing_span(want.pages.clone()),
-            None => Some(want.pages.clone()),
+            Some(stored) => stored.present().missing_runs(want.pages.clone()),
+            None => vec![want.pages.clone()],
         }
     }
 
@@ -754,9 +752,10 @@ impl Inner {
         }
     }
 
-    /// Fetch what `mine` (wants whose chunks this thread holds) lacks: coalesced into
-    /// requests of neighbouring pages, written to the cache, copied into `out`. Returns the
-    /// wants still not served (pages that were there a moment ago and now are not).
+    /// Fetch what `mine` (wants whose chunks this thread holds) lacks, exactly the pages
+    /// missing, in requests of neighbouring pages across chunks; write them to the cache
+    /// and copy them into `out`. Returns the wants still not served (pages that were there
+    /// a moment ago and now are not).
     fn fetch(
         &self,
         mine: Vec<(Want, Taken<'_>, Option<super::chunks::Claim<'_>>)>,
@@ -764,61 +763,78 @@ impl Inner {
         offset: u64,
         scratch: &mut Vec<u8>,
     ) -> io::Result<Vec<Want>> {
+        let mut unserved = Vec::new();
         // What each lacks, looked at again now that the chunk is ours.
         let mut jobs = Vec::new();
-        let mut unserved = Vec::new();
         for (w, taken, claim) in mine {
-            match self.missing(&w) {
-                None => {
-                    if !self.serve(&w, out.as_deref_mut(), offset, scratch) {
-                        unserved.push(w);
-                    }
+            let missing = self.missing(&w);
+            if missing.is_empty() {
+                if !self.serve(&w, out.as_deref_mut(), offset, scratch) {
+                    unserved.push(w);
                 }
-                Some(span) => jobs.push((w, span, taken, claim)),
+            } else {
+                jobs.push((w, missing, taken, claim));
             }
         }
-        while !jobs.is_empty() {
-            // A run: the spans that follow on from one another, up to one request.
-            let mut j = 1;
-            let mut range = self.page_bytes(jobs[0].0.chunk, &jobs[0].1);
-            while j < jobs.len() {
-                let next = self.page_bytes(jobs[j].0.chunk, &jobs[j].1);
-                if next.start != range.end || next.end - range.start > self.config.max_request_bytes
-                {
-                    break;
+        // Requests: the runs, in order, joined where one ends where the next begins.
+        let mut requests: Vec<Range<u64>> = Vec::new();
+        for (w, missing, _, _) in &jobs {
+            for run in missing {
+                let r = self.page_bytes(w.chunk, run);
+                match requests.last_mut() {
+                    Some(last)
+                        if last.end == r.start
+                            && r.end - last.start <= self.config.max_request_bytes =>
+                    {
+                        last.end = r.end
+                    }
+                    _ => requests.push(r),
                 }
-                range.end = next.end;
-                j += 1;
             }
-            let data = self.request(range.clone())?;
-            for (w, span, taken, claim) in jobs.drain(..j) {
-                let bytes = self.page_bytes(w.chunk, &span);
-                let part =
-                    &data[(bytes.start - range.start) as usize..(bytes.end - range.start) as usize];
-                if let Some(c) = claim {
-                    c.commit(span.start, part);
-                }
-                if let Some(memory) = &self.memory {
-                    for (k, page) in part.chunks(PAGE as usize).enumerate() {
-                        memory.insert(bytes.start / PAGE + k as u64, Arc::new(page.to_vec()));
+        }
+        let mut fetched = Vec::with_capacity(requests.len());
+        for r in requests {
+            let data = self.request(r.clone())?;
+            fetched.push((r, data));
+        }
+        let bytes_of = |r: &Range<u64>| -> &[u8] {
+            let (at, data) = fetched
+                .iter()
+                .find(|(f, _)| f.start <= r.start && r.end <= f.end)
+                .expect("every run was fetched");
+            &data[(r.start - at.start) as usize..(r.end - at.start) as usize]
+        };
+        for (w, missing, taken, claim) in jobs {
+            let pieces: Vec<(u32, &[u8])> = missing
+                .iter()
+                .map(|run| (run.start, bytes_of(&self.page_bytes(w.chunk, run))))
+                .collect();
+            if let Some(c) = claim {
+                c.commit(&pieces);
+            }
+            if let Some(memory) = &self.memory {
+                for (first, data) in &pieces {
+                    let page0 = self.page_bytes(w.chunk, &(*first..*first + 1)).start / PAGE;
+                    for (k, page) in data.chunks(PAGE as usize).enumerate() {
+                        memory.insert(page0 + k as u64, Arc::new(page.to_vec()));
                     }
                 }
-                drop(taken);
-                if let Some(out) = out.as_deref_mut() {
-                    Self::copy_out(out, offset, part, bytes.start);
-                    // The pages of the want around the span were there already.
-                    let before = Want {
+            }
+            drop(taken);
+            if let Some(out) = out.as_deref_mut() {
+                for (first, data) in &pieces {
+                    let at = self.page_bytes(w.chunk, &(*first..*first + 1)).start;
+                    Self::copy_out(out, offset, data, at);
+                }
+                // The pages of the want between the runs were there already.
+                let held = runs(w.pages.clone(), |p| !missing.iter().any(|r| r.contains(&p)));
+                for pages in held {
+                    let side = Want {
                         chunk: w.chunk,
-                        pages: w.pages.start..span.start,
+                        pages,
                     };
-                    let after = Want {
-                        chunk: w.chunk,
-                        pages: span.end..w.pages.end,
-                    };
-                    for side in [before, after] {
-                        if !self.serve(&side, Some(&mut *out), offset, scratch) {
-                            unserved.push(side);
-                        }
+                    if !self.serve(&side, Some(&mut *out), offset, scratch) {
+                        unserved.push(side);
                     }
                 }
             }
