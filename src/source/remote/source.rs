@@ -12,9 +12,10 @@
 //! - **One fetcher per chunk.** Threads of one process take turns per chunk; processes
 //!   claim a chunk in the disk cache (see [`super::chunks`]). A reader that finds its chunk
 //!   taken waits, at most [`RemoteConfig::wait_limit`], then reads what arrived.
-//! - **Read-ahead.** A reader moving forward through the object gets what follows fetched
-//!   before it asks, in a window that doubles up to [`RemoteConfig::read_ahead_bytes`]: by
-//!   background workers once serving has begun, otherwise right after its own read.
+//! - **Read-ahead.** A reader that has read [`RemoteConfig::read_ahead_min_run`] bytes in a
+//!   row gets what follows fetched before it asks, as far ahead as it has read, up to
+//!   [`RemoteConfig::read_ahead_bytes`]: by background workers once serving has begun,
+//!   otherwise right after its own read.
 //! - **The metadata tail.** [`RemoteSource::prefetch`] fetches a range (the image's
 //!   tables) in the background, in large requests; [`RemoteSource::warm`] does it now.
 //! - **Failures.** A failed fetch is an `io::Error` for the read that needed it, once the
@@ -61,6 +62,8 @@ pub struct RemoteConfig {
     /// Longest wait for a chunk another reader (thread or process) is fetching, or for a
     /// free request slot.
     pub wait_limit: Duration,
+    /// Bytes a reader reads in a row before read-ahead starts.
+    pub read_ahead_min_run: u64,
     /// Most bytes read ahead of a sequential reader.
     pub read_ahead_bytes: u64,
     /// Background workers (read-ahead and prefetch).
@@ -75,6 +78,7 @@ impl Default for RemoteConfig {
             max_in_flight: 4,
             max_request_bytes: 4 << 20,
             wait_limit: Duration::from_secs(60),
+            read_ahead_min_run: 1 << 20,
             read_ahead_bytes: 8 << 20,
             workers: 2,
         }
@@ -210,10 +214,8 @@ pub struct Counters {
 struct Stream {
     /// Where the reader's last read ended.
     next: u64,
-    /// Reads in a row that followed on.
+    /// Bytes it has read in a row.
     run: u64,
-    /// Bytes of read-ahead it gets next.
-    window: u64,
     /// Where read-ahead has reached.
     ahead_until: u64,
     /// When it last read (a counter), to replace the stalest.
@@ -221,8 +223,6 @@ struct Stream {
 }
 
 const STREAMS: usize = 8;
-/// First read-ahead window.
-const FIRST_WINDOW: u64 = 512 << 10;
 
 #[derive(Debug, Default)]
 struct Streams {
@@ -231,15 +231,28 @@ struct Streams {
 }
 
 impl Streams {
-    /// Note a read of `offset..end`; the bytes to read ahead, if any. `near` is how far
-    /// from where a reader stopped a read may start and still follow on (readers of
-    /// neighbouring blocks on several threads arrive a little out of order).
-    fn on_read(&mut self, offset: u64, end: u64, near: u64, max_window: u64) -> Option<Range<u64>> {
+    /// Note a read of `offset..end`; the bytes to read ahead, if any.
+    ///
+    /// A read follows on from a reader's last one when it starts where that one ended, or
+    /// up to `back` bytes before (readers of neighbouring blocks on several threads arrive
+    /// a little out of order). Read-ahead starts once a reader has read `min_run` bytes in
+    /// a row, and reaches as far ahead as it has read, up to `max_window`: small files
+    /// that happen to lie one after another (a module and its bytecode) are read without
+    /// fetching what follows them, and a long read soon gets large requests.
+    fn on_read(
+        &mut self,
+        offset: u64,
+        end: u64,
+        back: u64,
+        min_run: u64,
+        max_window: u64,
+    ) -> Option<Range<u64>> {
         self.clock += 1;
         let clock = self.clock;
-        let found = self.slots.iter_mut().find(|s| {
-            s.used != 0 && offset + near >= s.next && offset <= s.next.saturating_add(near)
-        });
+        let found = self
+            .slots
+            .iter_mut()
+            .find(|s| s.used != 0 && offset <= s.next && offset + back >= s.next);
         let Some(s) = found else {
             let s = self
                 .slots
@@ -248,8 +261,7 @@ impl Streams {
                 .expect("STREAMS > 0");
             *s = Stream {
                 next: end,
-                run: 0,
-                window: FIRST_WINDOW.min(max_window),
+                run: end - offset,
                 ahead_until: end,
                 used: clock,
             };
@@ -259,19 +271,19 @@ impl Streams {
         if end <= s.next {
             return None;
         }
+        s.run += end - s.next;
         s.next = end;
-        s.run += 1;
-        if s.run < 2 {
+        if s.run < min_run {
             return None;
         }
         // Ask for more once half the window ahead is consumed, so requests stay large.
+        let window = s.run.min(max_window);
         let start = s.ahead_until.max(end);
-        if start - end > s.window / 2 {
+        if start - end > window / 2 {
             return None;
         }
-        let stop = end + s.window;
+        let stop = end + window;
         s.ahead_until = stop;
-        s.window = (s.window * 2).min(max_window);
         Some(start..stop)
     }
 }
@@ -889,6 +901,7 @@ impl ReadAt for RemoteSource {
                 offset,
                 end,
                 inner.config.chunk_size as u64,
+                inner.config.read_ahead_min_run,
                 inner.config.read_ahead_bytes.max(PAGE),
             )
             .map(|r| r.start..r.end.min(inner.meta.len))
