@@ -1116,10 +1116,10 @@ impl<'a> Claim<'a> {
     /// Add pages to the chunk: each piece is the bytes of the pages from its first page
     /// on. A new file with the pages the chunk held and these is renamed over the old one.
     /// A failure to write is reported once and pauses writing; the caller serves the pages
-    /// whatever happens.
-    pub fn commit(mut self, pieces: &[(u32, &[u8])]) {
+    /// whatever happens. True when the pages are now in the cache.
+    pub fn commit(mut self, pieces: &[(u32, &[u8])]) -> bool {
         let Some((file, dir)) = self.file.take() else {
-            return;
+            return false;
         };
         let chunks = self.chunks;
         let index = self.index;
@@ -1193,16 +1193,20 @@ impl<'a> Claim<'a> {
             renameat(&*dir, part.as_str(), &*dir, chunk_name(index).as_str())?;
             Ok(written)
         })();
+        // Dropping the Flock (at return) unlocks: a waiter then finds the pages in place.
         match result {
-            Ok(written) => chunks.cache.wrote(written),
+            Ok(written) => {
+                chunks.cache.wrote(written);
+                true
+            }
             Err(e) => {
                 if same_file(&dir, &part, &*file) {
                     let _ = unlinkat(&*dir, part.as_str(), UnlinkatFlags::NoRemoveDir);
                 }
                 chunks.cache.pause_writes(&e);
+                false
             }
         }
-        // Dropping the Flock unlocks: a waiter then finds the pages in place.
     }
 }
 

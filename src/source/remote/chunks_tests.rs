@@ -23,7 +23,10 @@ fn payload(index: u64, len: usize) -> Vec<u8> {
 /// Write all of chunk `index` through a claim, as a fetcher does.
 fn put(chunks: &ObjectChunks, index: u64) {
     match chunks.claim(index) {
-        ClaimResult::Mine(c) => c.commit(&[(0, &payload(index, chunks.meta().chunk_len(index)))]),
+        ClaimResult::Mine(c) => assert!(
+            c.commit(&[(0, &payload(index, chunks.meta().chunk_len(index)))]),
+            "chunk {index} not written"
+        ),
         other => panic!("chunk {index}: expected to claim it, got {other:?}"),
     }
 }
@@ -161,11 +164,11 @@ fn pages_are_added_to_a_chunk_and_the_ones_held_kept() {
     let ClaimResult::Mine(c) = chunks.claim(1) else {
         panic!()
     };
-    c.commit(&[(2, &all[2 * p..3 * p])]);
+    assert!(c.commit(&[(2, &all[2 * p..3 * p])]));
     let ClaimResult::Mine(c) = chunks.claim(1) else {
         panic!()
     };
-    c.commit(&[(0, &all[..p])]);
+    assert!(c.commit(&[(0, &all[..p])]));
     let stored = chunks.open_chunk(1).unwrap();
     assert!(stored.present().covers(0..1) && stored.present().covers(2..3));
     assert!(!stored.present().contains(1) && !stored.present().contains(3));
@@ -187,7 +190,7 @@ fn pages_are_added_to_a_chunk_and_the_ones_held_kept() {
     let ClaimResult::Mine(c) = chunks.claim(1) else {
         panic!()
     };
-    c.commit(&[(3, &all[..2 * p])]);
+    assert!(!c.commit(&[(3, &all[..2 * p])]));
     assert!(!chunks.open_chunk(1).unwrap().present().contains(3));
 }
 
@@ -378,7 +381,7 @@ fn an_unwritable_cache_still_lets_fetches_through() {
     std::fs::remove_dir_all(&objdir).unwrap();
     std::fs::write(&objdir, b"not a directory").unwrap();
     match chunks.claim(1) {
-        ClaimResult::Mine(c) => c.commit(&[(0, &payload(1, CS as usize))]),
+        ClaimResult::Mine(c) => assert!(!c.commit(&[(0, &payload(1, CS as usize))])),
         other => panic!("{other:?}"),
     }
     assert!(cache.writes_paused());

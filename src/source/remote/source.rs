@@ -300,7 +300,9 @@ struct Inner {
     version: ObjectVersion,
     meta: ObjectMeta,
     disk: Option<ObjectChunks>,
-    memory: Option<MemoryPages>,
+    /// Pages kept in memory: all the cache there is without a disk cache, and what the
+    /// disk cache could not take (a full disk) with one.
+    memory: MemoryPages,
     config: RemoteConfig,
     slots: Slots,
     fetching: Fetching,
@@ -380,22 +382,18 @@ impl RemoteSource {
                 None
             }
         });
-        let memory = disk.is_none().then(|| {
-            Cache::with_options(
-                OptionsBuilder::new()
-                    .estimated_items_capacity(
-                        (config.memory_bytes / PAGE).clamp(16, 1 << 16) as usize
-                    )
-                    .weight_capacity(config.memory_bytes.max(1))
-                    // Pages read ahead must survive until their reader comes.
-                    .hot_allocation(0.5)
-                    .build()
-                    .expect("valid cache options"),
-                PageWeight,
-                DefaultHashBuilder::default(),
-                Default::default(),
-            )
-        });
+        let memory = Cache::with_options(
+            OptionsBuilder::new()
+                .estimated_items_capacity((config.memory_bytes / PAGE).clamp(16, 1 << 16) as usize)
+                .weight_capacity(config.memory_bytes.max(1))
+                // Pages read ahead must survive until their reader comes.
+                .hot_allocation(0.5)
+                .build()
+                .expect("valid cache options"),
+            PageWeight,
+            DefaultHashBuilder::default(),
+            Default::default(),
+        );
         RemoteSource {
             inner: Arc::new(Inner {
                 store,
@@ -580,7 +578,7 @@ impl Inner {
     /// half of it), in windows of one request each.
     fn fill(&self, range: Range<u64>, mode: Mode) -> io::Result<()> {
         let mut end = range.end.min(self.meta.len);
-        if self.memory.is_some() {
+        if self.disk.is_none() {
             end = end.min(range.start.saturating_add(self.config.memory_bytes / 2));
         }
         let step = self.config.max_request_bytes;
@@ -630,8 +628,13 @@ impl Inner {
         }
     }
 
-    /// Serve `want` from the cache into `out` (just check it is there when `out` is
-    /// `None`); false when some page is missing.
+    /// The object's page number of page `p` of `chunk`.
+    fn global_page(&self, chunk: u64, p: u32) -> u64 {
+        chunk * (self.config.chunk_size as u64 / PAGE) + p as u64
+    }
+
+    /// Serve `want` from the cache (memory, or the disk cache) into `out` (just check it is
+    /// all there when `out` is `None`); false when some page is missing.
     fn serve(
         &self,
         want: &Want,
@@ -642,53 +645,44 @@ impl Inner {
         if want.pages.is_empty() {
             return true;
         }
-        let at = self.page_bytes(want.chunk, &want.pages).start;
-        if let Some(memory) = &self.memory {
-            let first = at / PAGE;
-            let pages: Option<Vec<_>> = (0..want.pages.len() as u64)
-                .map(|k| memory.get(&(first + k)))
-                .collect();
-            let Some(pages) = pages else { return false };
-            if let Some(out) = out {
-                for (k, page) in pages.iter().enumerate() {
-                    Self::copy_out(out, offset, page, at + k as u64 * PAGE);
-                }
-            }
-            return true;
-        }
-        let Some(disk) = &self.disk else { return false };
-        let Some(stored) = disk.open_chunk(want.chunk) else {
-            return false;
+        let in_memory = |p: u32| {
+            !self.memory.is_empty() && self.memory.peek(&self.global_page(want.chunk, p)).is_some()
         };
-        if !stored.present().covers(want.pages.clone()) {
-            return false;
-        }
+        let on_disk = runs(want.pages.clone(), |p| !in_memory(p));
+        let stored = match (&self.disk, on_disk.is_empty()) {
+            (_, true) => None,
+            (None, false) => return false,
+            (Some(disk), false) => match disk.open_chunk(want.chunk) {
+                Some(s) if on_disk.iter().all(|r| s.present().covers(r.clone())) => Some(s),
+                _ => return false,
+            },
+        };
         let Some(out) = out else { return true };
-        match stored.read_pages(want.pages.clone(), scratch) {
-            Ok(()) => {
-                Self::copy_out(out, offset, scratch, at);
-                true
-            }
-            Err(why) => {
-                disk.drop_damaged(want.chunk, stored.file(), &why);
-                false
+        if let (Some(stored), Some(disk)) = (&stored, &self.disk) {
+            for run in &on_disk {
+                if let Err(why) = stored.read_pages(run.clone(), scratch) {
+                    disk.drop_damaged(want.chunk, stored.file(), &why);
+                    return false;
+                }
+                Self::copy_out(out, offset, scratch, self.page_bytes(want.chunk, run).start);
             }
         }
+        for p in want.pages.clone().filter(|&p| in_memory(p)) {
+            let Some(page) = self.memory.get(&self.global_page(want.chunk, p)) else {
+                return false;
+            };
+            Self::copy_out(out, offset, &page, self.global_page(want.chunk, p) * PAGE);
+        }
+        true
     }
 
     /// The runs of pages of `want` not in the cache.
     fn missing(&self, want: &Want) -> Vec<Range<u32>> {
-        if let Some(memory) = &self.memory {
-            let first = self.page_bytes(want.chunk, &want.pages).start / PAGE;
-            let base = want.pages.start;
-            return runs(want.pages.clone(), |p| {
-                memory.peek(&(first + (p - base) as u64)).is_none()
-            });
-        }
-        match self.disk.as_ref().and_then(|d| d.open_chunk(want.chunk)) {
-            Some(stored) => stored.present().missing_runs(want.pages.clone()),
-            None => vec![want.pages.clone()],
-        }
+        let stored = self.disk.as_ref().and_then(|d| d.open_chunk(want.chunk));
+        runs(want.pages.clone(), |p| {
+            stored.as_ref().is_none_or(|s| !s.present().contains(p))
+                && self.memory.peek(&self.global_page(want.chunk, p)).is_none()
+        })
     }
 
     /// Make bytes `offset..offset + len` (at most one request's worth) available, and copy
@@ -821,14 +815,12 @@ impl Inner {
                 .iter()
                 .map(|run| (run.start, bytes_of(&self.page_bytes(w.chunk, run))))
                 .collect();
-            if let Some(c) = claim {
-                c.commit(&pieces);
-            }
-            if let Some(memory) = &self.memory {
+            let on_disk = claim.is_some_and(|c| c.commit(&pieces));
+            if !on_disk {
                 for (first, data) in &pieces {
-                    let page0 = self.page_bytes(w.chunk, &(*first..*first + 1)).start / PAGE;
                     for (k, page) in data.chunks(PAGE as usize).enumerate() {
-                        memory.insert(page0 + k as u64, Arc::new(page.to_vec()));
+                        let n = self.global_page(w.chunk, *first + k as u32);
+                        self.memory.insert(n, Arc::new(page.to_vec()));
                     }
                 }
             }

@@ -239,7 +239,7 @@ fn without_a_disk_cache_memory_stays_within_its_budget() {
                 "{round}"
             );
         }
-        let weight = src.inner.memory.as_ref().unwrap().weight();
+        let weight = src.inner.memory.weight();
         assert!(weight <= c.memory_bytes, "{weight} > {}", c.memory_bytes);
     }
 }
@@ -485,4 +485,55 @@ fn two_processes_fill_one_cache_fetching_each_chunk_once() {
             .filter(|(_, &n)| n != 1)
             .collect::<Vec<_>>()
     );
+}
+
+/// A tmpfs of `bytes` mounted on a fresh directory, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn new(bytes: u64) -> SmallDisk {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root: it mounts a small tmpfs to fill"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            Some(format!("size={bytes},mode=0755").as_str()),
+        )
+        .unwrap();
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_full_disk_still_serves_every_read() {
+    // Room for the directories and a few chunks, not for the object.
+    let disk = SmallDisk::new(256 << 10);
+    let cache = ChunkCache::open(disk.dir.path(), 1 << 30).unwrap();
+    let data = bytes(64 * CS as usize, 5);
+    let object = Arc::new(MemoryObject::new(data.clone()));
+    let src = RemoteSource::open(object.clone(), Some(cache.clone()), config()).unwrap();
+    for off in (0..data.len()).step_by(5000) {
+        let n = 5000.min(data.len() - off);
+        assert_eq!(read(&src, off as u64, n).unwrap(), &data[off..off + n]);
+    }
+    assert!(cache.writes_paused(), "the disk never filled");
+    // What did fit is served from disk, and what did not from memory, as far as it goes.
+    let before = object.bytes_served();
+    read(&src, 0, 100).unwrap();
+    let tail = data.len() as u64 - 5000;
+    read(&src, tail, 5000).unwrap();
+    assert_eq!(object.bytes_served(), before);
 }
