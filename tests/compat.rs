@@ -19,9 +19,9 @@ use std::time::Duration;
 use common::fixtures::fixtures;
 use mount_util::hammer::alive;
 use mount_util::{
-    assert_no_differences, can_mount, compare_views, force_unmount, is_mounted,
-    mount_fuse_descriptor, mountinfo, partition_offset, pass_as_fd3, pids_mentioning, run_to_exit,
-    scratch, wait_for, wrap_in_sif, KernelMount, SifuseMount, ViewExceptions, SIFUSE,
+    assert_no_differences, compare_views, force_unmount, is_mounted, mount_fuse_descriptor,
+    mountinfo, partition_offset, pass_as_fd3, pids_mentioning, require_mount, run_to_exit, scratch,
+    wait_for, wrap_in_sif, KernelMount, SifuseMount, ViewExceptions, SIFUSE,
 };
 
 const NAMES: [&str; 2] = ["squashfuse_ll", "squashfuse"];
@@ -108,9 +108,7 @@ fn assert_ps_shows(pid: i32, name: &str) {
 
 #[test]
 fn singularity_daemon_call_then_the_hosts_lazy_unmount() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let (sif, offset) = gzip_sif();
     let (owned, stored_uid, stored_gid) = non_root_owned();
     for name in NAMES {
@@ -180,9 +178,7 @@ fn kill(pid: u32, signal: i32) {
 
 #[test]
 fn apptainer_foreground_call_with_the_image_on_fd_3() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let (sif, offset) = gzip_sif();
     for name in NAMES {
         let (dir, mnt) = SifuseMount::new_mountpoint(name);
@@ -238,9 +234,7 @@ fn apptainer_foreground_call_with_the_image_on_fd_3() {
 
 #[test]
 fn serves_a_dev_fd_mounted_by_a_setuid_starter() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let (sif, offset) = gzip_sif();
     for name in NAMES {
         let (dir, mnt) = SifuseMount::new_mountpoint(name);
@@ -287,9 +281,7 @@ fn mkfifo(path: &Path) {
 
 #[test]
 fn notify_pipe_and_subdir() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let image = fixtures().image("gzip");
     for name in NAMES {
         let (dir, mnt) = SifuseMount::new_mountpoint(name);
@@ -334,9 +326,7 @@ fn notify_pipe_and_subdir() {
 
 #[test]
 fn idle_timeout_unmounts_and_ends_the_daemon() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     for name in NAMES {
         let (dir, mnt) = SifuseMount::new_mountpoint(name);
         let out = run_to_exit(
@@ -396,9 +386,7 @@ fn usage_probe_version_and_bad_options() {
             );
             assert!(out.stdout.is_empty());
         }
-        if can_mount() {
-            assert!(!is_mounted(dir.path()));
-        }
+        assert!(!is_mounted(dir.path()));
     }
 }
 
@@ -420,9 +408,7 @@ macro_rules! per_image {
 with_fixture_images!(per_image);
 
 fn compare_with_kernel(image: &str) {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let name = "squashfuse_ll";
     let (dir, mnt) = SifuseMount::new_mountpoint(name);
     let path = fixtures().image(image);
@@ -455,9 +441,7 @@ fn compare_with_kernel(image: &str) {
 /// layouts, and the SIF at its partition offset.
 #[test]
 fn the_kernels_view_through_both_names() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let (sif, offset) = gzip_sif();
     let offset_opt = format!("offset={offset}");
     let cases: [(&str, &Path, &str, &str); 4] = [

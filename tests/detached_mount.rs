@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fixtures::fixtures;
-use mount_util::{can_mount, scratch, wait_for, SIFUSE};
+use mount_util::{require_mount, scratch, wait_for, SIFUSE};
 use sifuse::mount::detached::{attach_at, create, DetachedSpec};
 use sifuse::mount::options::Access;
 use sifuse::mount::sys::MountFlags;
@@ -39,9 +39,7 @@ fn open_fuse_inheritable() -> OwnedFd {
 
 #[test]
 fn a_detached_mount_is_served_reached_by_its_descriptor_and_attached_elsewhere() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let source = format!("sifuse-detached-test-{}", std::process::id());
     let fuse = open_fuse_inheritable();
     let spec = DetachedSpec {

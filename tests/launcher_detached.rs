@@ -32,7 +32,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use launcher_util::{command, Scratch, HOSTNAME, LIMIT, NOBODY};
-use mount_util::{can_mount, pids_mentioning, wait_for, SIFUSE};
+use mount_util::{pids_mentioning, require_mount, wait_for, SIFUSE};
 use sifuse::launcher::fdpass::{recv_line, send_line_with_fd};
 use sifuse::mount::detached::{create, DetachedSpec};
 use sifuse::mount::options::Access;
@@ -277,41 +277,31 @@ fn hand_off(flow: Flow, as_nobody: bool) {
 
 #[test]
 fn ready_fd_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     hand_off(Flow::ReadyFd, false);
 }
 
 #[test]
 fn ready_fd_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     hand_off(Flow::ReadyFd, true);
 }
 
 #[test]
 fn serve_fd_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     hand_off(Flow::ServeFd, false);
 }
 
 #[test]
 fn serve_fd_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     hand_off(Flow::ServeFd, true);
 }
 
 #[test]
 fn detached_failures_answer_error() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     // Not an image: error after the mount was created, which then simply goes.
     let s = Scratch::new("detached-fail", 0);
     fs::write(&s.image, vec![0u8; 8192]).unwrap();
@@ -443,17 +433,13 @@ fn run_never_touches_the_host(as_nobody: bool) {
 
 #[test]
 fn run_never_touches_the_host_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     run_never_touches_the_host(false);
 }
 
 #[test]
 fn run_never_touches_the_host_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     run_never_touches_the_host(true);
 }
 
@@ -518,9 +504,7 @@ const SERVER_MOMENTS_MS: [u64; 8] = [0, 2, 5, 10, 20, 50, 150, 500];
 
 #[test]
 fn sigkill_of_the_server_during_run_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("detached-kill", 0);
     for ms in SERVER_MOMENTS_MS {
         sigkill_of_the_server_at(&s, false, Duration::from_millis(ms));
@@ -529,9 +513,7 @@ fn sigkill_of_the_server_during_run_as_root() {
 
 #[test]
 fn sigkill_of_the_server_during_run_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("detached-kill-user", NOBODY);
     for ms in SERVER_MOMENTS_MS {
         sigkill_of_the_server_at(&s, true, Duration::from_millis(ms));
@@ -566,17 +548,13 @@ fn a_bind_beneath_tmpdir_is_still_reached(as_nobody: bool) {
 
 #[test]
 fn a_bind_beneath_tmpdir_is_still_reached_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     a_bind_beneath_tmpdir_is_still_reached(false);
 }
 
 #[test]
 fn a_bind_beneath_tmpdir_is_still_reached_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     a_bind_beneath_tmpdir_is_still_reached(true);
 }
 
@@ -584,9 +562,7 @@ fn a_bind_beneath_tmpdir_is_still_reached_unprivileged() {
 /// socket, the mount with it, and the server exits, at any moment.
 #[test]
 fn a_launcher_gone_before_taking_the_mount_leaves_nothing() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("detached-gone", 0);
     for ms in [0, 1, 5, 20, 100] {
         let (mut server, control) = start_server(&s.image, "--detached");
@@ -606,9 +582,7 @@ fn a_launcher_gone_before_taking_the_mount_leaves_nothing() {
 /// the kernel has not cached fail), and once it lets go nothing is left.
 #[test]
 fn sigkill_of_the_server_after_ready_fd_leaves_nothing() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("detached-srvkill", 0);
     let (mut server, control) = start_server(&s.image, "--detached");
     let got = recv_line(control.as_fd()).unwrap().unwrap();

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use launcher_util::{command, mount_line, Launcher, Scratch, HOSTNAME, NOBODY};
-use mount_util::{can_mount, wait_for};
+use mount_util::{require_mount, wait_for};
 
 fn owner(as_nobody: bool) -> u32 {
     if as_nobody {
@@ -118,17 +118,13 @@ fn started_detaches_and_the_container_keeps_reading(as_nobody: bool) {
 
 #[test]
 fn started_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     started_detaches_and_the_container_keeps_reading(false);
 }
 
 #[test]
 fn started_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     started_detaches_and_the_container_keeps_reading(true);
 }
 
@@ -144,17 +140,13 @@ fn end_of_file_before_started_cleans_up(as_nobody: bool) {
 
 #[test]
 fn end_of_file_before_started_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     end_of_file_before_started_cleans_up(false);
 }
 
 #[test]
 fn end_of_file_before_started_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     end_of_file_before_started_cleans_up(true);
 }
 
@@ -175,17 +167,13 @@ fn cleanup_answers_done(as_nobody: bool) {
 
 #[test]
 fn cleanup_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     cleanup_answers_done(false);
 }
 
 #[test]
 fn cleanup_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     cleanup_answers_done(true);
 }
 
@@ -203,25 +191,19 @@ fn sigkill_before_started_the_watcher_cleans_up(as_nobody: bool) {
 
 #[test]
 fn sigkill_before_started_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     sigkill_before_started_the_watcher_cleans_up(false);
 }
 
 #[test]
 fn sigkill_before_started_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     sigkill_before_started_the_watcher_cleans_up(true);
 }
 
 #[test]
 fn failures_answer_error_and_leave_nothing() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("proto-fail", 0);
     // Not an image: mounting fails after the directory was made.
     fs::write(&s.image, vec![0u8; 8192]).unwrap();
@@ -250,9 +232,7 @@ fn failures_answer_error_and_leave_nothing() {
 
 #[test]
 fn a_given_mount_point_is_unmounted_but_kept() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("proto-given", 0);
     let mnt = s.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
@@ -285,9 +265,7 @@ fn a_given_mount_point_is_unmounted_but_kept() {
 
 #[test]
 fn sigterm_before_started_unmounts_reports_and_cleans_up() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("proto-term", 0);
     let mut l = Launcher::start(&s, false, &[]);
     let path = l.ready();
@@ -305,5 +283,214 @@ fn sigterm_before_started_unmounts_reports_and_cleans_up() {
     );
     assert_eq!(l.read(), None);
     assert_eq!(l.exit_code(), 1);
+    s.assert_nothing_left();
+}
+
+/// A tmpfs the launcher mounted at the mount point it gives sifuse, with a file in it.
+struct Precious {
+    path: std::path::PathBuf,
+}
+
+impl Precious {
+    fn new(s: &Scratch) -> Precious {
+        let path = s.path().join("precious");
+        fs::create_dir(&path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "precious"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot mount a tmpfs");
+        fs::write(path.join("f"), "x").unwrap();
+        Precious { path }
+    }
+
+    /// Still there, with its file, and nothing of sifuse's on top of it.
+    fn assert_kept(&self) {
+        let line = mount_line(&self.path).expect("the launcher's tmpfs was unmounted");
+        assert!(line.contains(" - tmpfs precious "), "{line}");
+        assert_eq!(fs::read_to_string(self.path.join("f")).unwrap(), "x");
+    }
+}
+
+impl Drop for Precious {
+    fn drop(&mut self) {
+        mount_util::force_unmount(&self.path);
+    }
+}
+
+/// Wait until no process mentions the image any more (the server and its watcher).
+fn assert_processes_gone(s: &Scratch) {
+    assert!(
+        wait_for(launcher_util::LIMIT, || mount_util::pids_mentioning(
+            &s.image
+        )
+        .is_empty()),
+        "the server or its watcher did not exit"
+    );
+}
+
+/// SIGTERM before `started`: sifuse unmounts its own mount and, cleaning up, nothing else —
+/// the launcher's tmpfs under it stays (it used to be unmounted too).
+#[test]
+fn sigterm_leaves_the_launchers_own_mount_alone() {
+    require_mount();
+    let s = Scratch::new("proto-precious-term", 0);
+    let t = Precious::new(&s);
+    let mut l = Launcher::start(&s, false, &[&t.path]);
+    assert_eq!(l.ready(), t.path);
+    assert!(mount_line(&t.path).unwrap().contains(" - fuse.sifuse "));
+    // SAFETY: plain kill(2) of the server this test started.
+    assert_eq!(
+        unsafe { libc::kill(l.server.id() as i32, libc::SIGTERM) },
+        0
+    );
+    assert_eq!(
+        l.read().as_deref(),
+        Some("error the mount went away before the container started")
+    );
+    assert_eq!(l.exit_code(), 1);
+    assert_processes_gone(&s);
+    t.assert_kept();
+    drop(t);
+    s.assert_nothing_left();
+}
+
+/// Someone else unmounts sifuse's copy first: sifuse's cleanup finds the launcher's
+/// tmpfs at the path, which is not its mount, and leaves it.
+#[test]
+fn a_copy_unmounted_by_someone_else_leaves_what_is_under_it() {
+    require_mount();
+    let s = Scratch::new("proto-precious-other", 0);
+    let t = Precious::new(&s);
+    let mut l = Launcher::start(&s, false, &[&t.path]);
+    assert_eq!(l.ready(), t.path);
+    let status = std::process::Command::new("umount")
+        .arg(&t.path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        l.read().as_deref(),
+        Some("error the mount went away before the container started")
+    );
+    assert_eq!(l.exit_code(), 1);
+    assert_processes_gone(&s);
+    t.assert_kept();
+    drop(t);
+    s.assert_nothing_left();
+}
+
+/// The server SIGKILLed before it ever mounted: held up opening an image that lies on a
+/// FUSE mount whose server is stopped. Its watcher, forked before the image is opened,
+/// knows of no mount of sifuse's and unmounts nothing (it used to unmount the tmpfs).
+#[test]
+fn a_server_killed_before_it_mounted_unmounts_nothing() {
+    require_mount();
+    let mut s = Scratch::new("proto-precious-kill", 0);
+    let t = Precious::new(&s);
+    let blocker_image = s.path().join("blocker.sqfs");
+    fs::copy(&s.image, &blocker_image).unwrap();
+    let blocker = mount_util::SifuseMount::foreground(&blocker_image, &[]);
+    let blocker_pid = blocker.child.as_ref().unwrap().id() as i32;
+    // SAFETY: plain kill(2) of the server this test started.
+    assert_eq!(unsafe { libc::kill(blocker_pid, libc::SIGSTOP) }, 0);
+    // Every thread stopped: none can have taken the lookup below off the queue (a
+    // request taken but unanswered would hold the killed server until SIGCONT).
+    let stopped = || {
+        fs::read_dir(format!("/proc/{blocker_pid}/task"))
+            .unwrap()
+            .flatten()
+            .all(|t| {
+                let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                state.starts_with('T')
+            })
+    };
+    assert!(
+        wait_for(launcher_util::LIMIT, stopped),
+        "the blocker did not stop"
+    );
+    // A path the stopped server was never asked about: looking it up waits for it.
+    s.image = blocker.path("etc/hostname");
+    let mut l = Launcher::start(&s, false, &[&t.path]);
+    // The server and its watcher (a fork with the same command line) exist.
+    assert!(wait_for(launcher_util::LIMIT, || {
+        mount_util::pids_mentioning(&s.image).len() == 2
+    }));
+    l.server.kill().unwrap();
+    l.server.wait().unwrap();
+    assert_eq!(l.read(), None);
+    assert_processes_gone(&s);
+    t.assert_kept();
+    // SAFETY: plain kill(2) of the server this test started.
+    assert_eq!(unsafe { libc::kill(blocker_pid, libc::SIGCONT) }, 0);
+    drop(blocker);
+    drop(t);
+    s.assert_nothing_left();
+}
+
+/// A FIFO as the image, which used to hold the server in open(2) until it was killed (and
+/// its watcher then unmounted the tmpfs): refused at once, and the tmpfs stays.
+#[test]
+fn a_fifo_as_image_is_refused_and_the_mount_point_left_alone() {
+    require_mount();
+    let mut s = Scratch::new("proto-precious-fifo", 0);
+    let t = Precious::new(&s);
+    let fifo = s.path().join("image.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    s.image = fifo;
+    let mut l = Launcher::start(&s, false, &[&t.path]);
+    let line = l.read().unwrap();
+    assert!(
+        line.starts_with("error ") && line.contains("is a FIFO"),
+        "{line}"
+    );
+    assert_ne!(l.exit_code(), 0);
+    assert_processes_gone(&s);
+    t.assert_kept();
+    drop(t);
+    s.assert_nothing_left();
+}
+
+/// A line of 64 MiB without a newline, then one not in UTF-8: each answered with one
+/// short `error unknown message` line, and the conversation goes on (a non-UTF-8 line used
+/// to be taken as end of file, and the long line was kept whole and echoed back).
+#[test]
+fn long_and_non_utf8_lines_are_answered_and_ignored() {
+    require_mount();
+    let s = Scratch::new("proto-lines", 0);
+    let mut l = Launcher::start(&s, false, &[]);
+    let path = l.ready();
+    assert_ready(&s, &path, false);
+    let writer = {
+        let mut out = l.output_clone();
+        std::thread::spawn(move || {
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..64 {
+                out.write_all(&chunk).unwrap();
+            }
+            out.write_all(b"\n\xff\xfe hello\n").unwrap();
+        })
+    };
+    let long = l.read().unwrap();
+    assert!(
+        long.starts_with("error unknown message (a line longer than"),
+        "{}",
+        &long[..long.len().min(200)]
+    );
+    assert!(
+        long.len() < 200,
+        "the line was echoed: {} bytes",
+        long.len()
+    );
+    writer.join().unwrap();
+    assert_eq!(
+        l.read().as_deref(),
+        Some("error unknown message (a line not in UTF-8): expected started or cleanup")
+    );
+    l.send("cleanup");
+    assert_eq!(l.read().as_deref(), Some("done"));
+    assert_eq!(l.exit_code(), 0);
     s.assert_nothing_left();
 }

@@ -15,7 +15,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use launcher_util::{command, Scratch, HOSTNAME, LIMIT, NOBODY};
-use mount_util::{can_mount, wait_for, SIFUSE};
+use mount_util::{require_mount, wait_for, SIFUSE};
 
 fn owner(as_nobody: bool) -> u32 {
     if as_nobody {
@@ -94,41 +94,31 @@ fn prints_the_file_and_passes_exit_statuses(as_nobody: bool, mode: &[&str]) {
 
 #[test]
 fn prints_the_file_and_passes_exit_statuses_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     prints_the_file_and_passes_exit_statuses(false, &[]);
 }
 
 #[test]
 fn prints_the_file_and_passes_exit_statuses_on_the_fallback_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     prints_the_file_and_passes_exit_statuses(false, &["--no-detached"]);
 }
 
 #[test]
 fn prints_the_file_and_passes_exit_statuses_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     prints_the_file_and_passes_exit_statuses(true, &[]);
 }
 
 #[test]
 fn prints_the_file_and_passes_exit_statuses_on_the_fallback_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     prints_the_file_and_passes_exit_statuses(true, &["--no-detached"]);
 }
 
 #[test]
 fn runs_the_demo_sif_with_binds_and_a_user_namespace() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/demo.sif");
     let s = Scratch::new("run-sif", 0);
     let data = s.path().join("data");
@@ -195,17 +185,13 @@ fn the_host_copy_is_detached_while_the_command_runs(as_nobody: bool) {
 
 #[test]
 fn the_host_copy_is_detached_while_the_command_runs_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     the_host_copy_is_detached_while_the_command_runs(false);
 }
 
 #[test]
 fn the_host_copy_is_detached_while_the_command_runs_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     the_host_copy_is_detached_while_the_command_runs(true);
 }
 
@@ -249,9 +235,7 @@ const MOMENTS_MS: [u64; 10] = [0, 5, 20, 50, 100, 200, 400, 700, 1200, 2000];
 
 #[test]
 fn sigkill_of_sifuse_run_at_ten_moments_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("run-kill", 0);
     for ms in MOMENTS_MS {
         sigkill_at(&s, false, &[], Duration::from_millis(ms));
@@ -260,9 +244,7 @@ fn sigkill_of_sifuse_run_at_ten_moments_as_root() {
 
 #[test]
 fn sigkill_of_sifuse_run_at_ten_moments_on_the_fallback_as_root() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("run-kill-fallback", 0);
     for ms in MOMENTS_MS {
         sigkill_at(&s, false, &["--no-detached"], Duration::from_millis(ms));
@@ -271,9 +253,7 @@ fn sigkill_of_sifuse_run_at_ten_moments_on_the_fallback_as_root() {
 
 #[test]
 fn sigkill_of_sifuse_run_at_ten_moments_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("run-kill-user", NOBODY);
     for ms in MOMENTS_MS {
         sigkill_at(&s, true, &[], Duration::from_millis(ms));
@@ -282,11 +262,46 @@ fn sigkill_of_sifuse_run_at_ten_moments_unprivileged() {
 
 #[test]
 fn sigkill_of_sifuse_run_at_ten_moments_on_the_fallback_unprivileged() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let s = Scratch::new("run-kill-user-fallback", NOBODY);
     for ms in MOMENTS_MS {
         sigkill_at(&s, true, &["--no-detached"], Duration::from_millis(ms));
     }
+}
+
+/// Inside the container every mount of the /sys tree (the cgroup hierarchies under
+/// /sys/fs/cgroup included, which used to stay writable) and every mount below /proc is
+/// read-only, as mountinfo read there shows.
+fn sys_and_below_are_read_only(as_nobody: bool) {
+    let s = Scratch::new("run-sys-ro", owner(as_nobody));
+    let out = run(&s, as_nobody, &[], &["/bin/cat", "/proc/self/mountinfo"]);
+    assert!(out.status.success(), "{out:?}");
+    let info = stdout(&out);
+    let mut seen = 0;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (point, options) = (fields[4], fields[5]);
+        let below_proc = point.starts_with("/proc/");
+        if point == "/sys" || point.starts_with("/sys/") || below_proc {
+            seen += 1;
+            assert!(
+                options.split(',').any(|o| o == "ro"),
+                "writable inside the container: {line}"
+            );
+        }
+    }
+    assert!(seen > 0, "no /sys in the container: {info}");
+    s.assert_nothing_left();
+}
+
+#[test]
+fn sys_and_below_are_read_only_as_root() {
+    require_mount();
+    sys_and_below_are_read_only(false);
+}
+
+#[test]
+fn sys_and_below_are_read_only_unprivileged() {
+    require_mount();
+    sys_and_below_are_read_only(true);
 }

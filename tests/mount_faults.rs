@@ -14,8 +14,8 @@ use std::time::Duration;
 use common::fixtures::fixtures;
 use mount_util::hammer::{alive, peak_rss, read_tree, statfs_errno};
 use mount_util::{
-    assert_no_differences, can_mount, compare_views, is_mounted, scratch, wait_for, KernelMount,
-    SifuseMount, ViewExceptions, SIFUSE,
+    assert_no_differences, compare_views, is_mounted, require_mount, scratch, wait_for,
+    KernelMount, SifuseMount, ViewExceptions, SIFUSE,
 };
 
 fn kill(pid: i32, signal: i32) {
@@ -43,9 +43,7 @@ fn inode_table_start(image: &[u8]) -> usize {
 
 #[test]
 fn sigkill_leaves_enotconn_and_sifuse_umount_clears_it() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let m = SifuseMount::daemon(fixtures().image("gzip"), &[]);
     let pid = m.daemon_pid();
     kill(pid, libc::SIGKILL);
@@ -91,9 +89,7 @@ fn sigkill_leaves_enotconn_and_sifuse_umount_clears_it() {
 
 #[test]
 fn image_truncated_while_mounted_answers_eio_and_the_daemon_lives() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let (_dir, image) = copy_of("gzip");
     let m = SifuseMount::daemon(&image, &[]);
     let pid = m.daemon_pid();
@@ -144,9 +140,7 @@ fn image_truncated_while_mounted_answers_eio_and_the_daemon_lives() {
 /// readers evicting each other's blocks: every byte and stat still matches the kernel.
 #[test]
 fn one_mib_cache_serves_every_byte() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     for name in ["gzip", "zstd-b1m", "gzip-b4k", "xz"] {
         let image = fixtures().image(name);
         let m = SifuseMount::daemon(image, &["-o", "cache_size=1"]);
@@ -190,9 +184,7 @@ fn damaged_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
 
 #[test]
 fn sixteen_readers_on_a_damaged_image_leave_the_daemon_answering() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let (_dir, image) = damaged_copy("gzip");
     let m = SifuseMount::daemon(&image, &[]);
     let pid = m.daemon_pid();

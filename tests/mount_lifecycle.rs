@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::fixtures::fixtures;
 use mount_util::{
-    can_mount, is_mounted, pids_mentioning, run_sifuse_mount, wait_for, SifuseMount, SIFUSE,
+    is_mounted, pids_mentioning, require_mount, run_sifuse_mount, wait_for, SifuseMount, SIFUSE,
 };
 
 const HELLO: &str = "hello.txt";
@@ -51,9 +51,7 @@ fn kill(pid: i32, signal: i32) {
 
 #[test]
 fn daemon_returns_once_live_and_ends_with_its_mount() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let (dir, mnt) = SifuseMount::new_mountpoint("daemon");
     // run_sifuse_mount reads stdout and stderr to EOF: it returns only because the daemon
     // let go of them.
@@ -86,9 +84,7 @@ fn daemon_returns_once_live_and_ends_with_its_mount() {
 
 #[test]
 fn foreground_server_exits_0_when_unmounted() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let mut m = SifuseMount::foreground(gzip(), &[]);
     assert_serving(&m);
     assert!(
@@ -108,9 +104,7 @@ fn foreground_server_exits_0_when_unmounted() {
 
 #[test]
 fn debug_logs_every_request_in_the_foreground() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let mut m = SifuseMount::foreground(gzip(), &["-d"]);
     assert_serving(&m);
     assert!(fs::metadata(m.path("no-such-name")).is_err());
@@ -162,9 +156,7 @@ fn log_of_reads_and_listings(opts: &[&str]) -> String {
 
 #[test]
 fn files_and_directories_open_without_a_round_trip() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let log = log_of_reads_and_listings(&[]);
     // The first open and opendir are answered ENOSYS, and the kernel asks no more (two
     // that were in flight together may both be asked). No handle is ever given, so
@@ -178,9 +170,7 @@ fn files_and_directories_open_without_a_round_trip() {
 
 #[test]
 fn an_idle_timeout_has_every_open_asked() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let log = log_of_reads_and_listings(&["-o", "timeout=600"]);
     // The timeout must know what is open, so every open is asked (hello.txt was read once
     // more by assert_serving) and handles are given. Releases travel in the background
@@ -196,9 +186,7 @@ fn an_idle_timeout_has_every_open_asked() {
 /// back exactly as stored.
 #[test]
 fn reading_one_small_file_pushes_its_siblings_into_the_page_cache() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let scratch = mount_util::scratch("push");
     let tree = scratch.path().join("tree");
     let pkg = tree.join("pkg");
@@ -279,9 +267,7 @@ fn resident(path: &Path) -> bool {
 
 #[test]
 fn sigterm_unmounts_and_ends_the_daemon() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let m = SifuseMount::daemon(gzip(), &[]);
     assert_serving(&m);
     kill(m.daemon_pid(), libc::SIGTERM);
@@ -290,9 +276,7 @@ fn sigterm_unmounts_and_ends_the_daemon() {
 
 #[test]
 fn sigint_ends_a_busy_foreground_mount() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let mut m = SifuseMount::foreground(gzip(), &[]);
     // An open file keeps the lazily unmounted file system alive; the server still goes.
     let mut busy = fs::File::open(m.path(HELLO)).unwrap();
@@ -311,9 +295,7 @@ fn sigint_ends_a_busy_foreground_mount() {
 
 #[test]
 fn idle_timeout_waits_for_open_files() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let m = SifuseMount::daemon(gzip(), &["-o", "timeout=1"]);
     let open = fs::File::open(m.path(HELLO)).unwrap();
     std::thread::sleep(Duration::from_millis(2500));
@@ -344,9 +326,7 @@ fn notify_reader(fifo: &Path) -> std::thread::JoinHandle<Vec<u8>> {
 
 #[test]
 fn notify_pipe_reports_s_when_live() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let dir = mount_util::scratch("notify-s");
     let fifo = dir.path().join("fifo");
     mkfifo(&fifo);
@@ -359,9 +339,7 @@ fn notify_pipe_reports_s_when_live() {
 
 #[test]
 fn notify_pipe_reports_f_on_failure() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let dir = mount_util::scratch("notify-f");
     let fifo = dir.path().join("fifo");
     mkfifo(&fifo);
@@ -377,6 +355,43 @@ fn notify_pipe_reports_f_on_failure() {
     assert!(!is_mounted(&mnt));
 }
 
+/// A notify_pipe that is a symlink to a regular file, or a regular file: the mount is
+/// refused with one line, and the file keeps every byte (it used to get `s` written over
+/// its first one).
+#[test]
+fn notify_pipe_writes_only_to_a_fifo() {
+    require_mount();
+    let dir = mount_util::scratch("notify-file");
+    let file = dir.path().join("precious");
+    fs::write(&file, "keep").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    for target in [&link, &file] {
+        let (_mdir, mnt) = SifuseMount::new_mountpoint("notify-file");
+        let opt = format!("notify_pipe={}", target.display());
+        let out = run_sifuse_mount(gzip(), &mnt, &["-o", &opt]);
+        assert_one_clear_line(&out, "not a FIFO");
+        assert!(!is_mounted(&mnt));
+        assert_eq!(fs::read_to_string(&file).unwrap(), "keep");
+    }
+}
+
+/// An IMAGE that is a FIFO nobody writes to: refused with one line at once, in the
+/// foreground too (open(2) used to wait for a writer forever).
+#[test]
+fn a_fifo_as_image_is_refused_at_once() {
+    require_mount();
+    let dir = mount_util::scratch("fifo-image");
+    let fifo = dir.path().join("image.sqfs");
+    mkfifo(&fifo);
+    let (_mdir, mnt) = SifuseMount::new_mountpoint("fifo-image");
+    for args in [&[][..], &["-f"]] {
+        let out = run_sifuse_mount(&fifo, &mnt, args);
+        assert_one_clear_line(&out, "is a FIFO");
+        assert!(!is_mounted(&mnt));
+    }
+}
+
 /// One line on stderr, starting "sifuse: ", and mentioning `what`.
 fn assert_one_clear_line(out: &std::process::Output, what: &str) {
     assert!(!out.status.success(), "should fail: {out:?}");
@@ -390,9 +405,7 @@ fn assert_one_clear_line(out: &std::process::Output, what: &str) {
 
 #[test]
 fn failures_say_why_in_one_line_and_leave_nothing_mounted() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let (_dir, mnt) = SifuseMount::new_mountpoint("fail");
     let file = mnt.parent().unwrap().join("file");
     fs::write(&file, b"x").unwrap();
@@ -428,9 +441,7 @@ fn failures_say_why_in_one_line_and_leave_nothing_mounted() {
 
 #[test]
 fn no_dev_fuse_is_one_clear_line() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let (_dir, mnt) = SifuseMount::new_mountpoint("nofuse");
     // In a private mount namespace whose /dev lacks the FUSE device.
     let script = format!(
@@ -450,9 +461,7 @@ fn no_dev_fuse_is_one_clear_line() {
 
 #[test]
 fn sifuse_umount_ends_the_daemon_and_can_detach_lazily() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let m = SifuseMount::daemon(gzip(), &[]);
     let out = Command::new(SIFUSE)
         .arg("umount")
@@ -496,11 +505,11 @@ fn sifuse_umount_ends_the_daemon_and_can_detach_lazily() {
     assert_one_clear_line(&out, "cannot unmount");
 }
 
+/// User 65534 mounts through fusermount3 and unmounts with sifuse umount; then root
+/// unmounts the user's mount (which refuses root everything else).
 #[test]
 fn ordinary_users_mount_through_fusermount3() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let (dir, mnt) = SifuseMount::new_mountpoint("user");
     let c = CString::new(mnt.as_os_str().as_bytes()).unwrap();
     // SAFETY: a valid C string.
@@ -520,7 +529,10 @@ fn ordinary_users_mount_through_fusermount3() {
          {nobody} cat {mnt}/{HELLO}
          if cat {mnt}/{HELLO} 2>/dev/null; then echo ROOT-READ; fi
          {nobody} {SIFUSE} umount {mnt}
-         echo UNMOUNTED"
+         echo UNMOUNTED
+         {nobody} {SIFUSE} mount {image} {mnt}
+         {SIFUSE} umount {mnt}
+         echo ROOT-UNMOUNTED"
     );
     let out = Command::new("unshare")
         .args(["-m", "--propagation", "private", "sh", "-c", &script])
@@ -541,6 +553,8 @@ fn ordinary_users_mount_through_fusermount3() {
     // Without allow_other, even root is refused.
     assert!(!stdout.contains("ROOT-READ"), "{stdout}");
     assert!(stdout.contains("UNMOUNTED"), "{stdout}");
+    // Root unmounts the user's mount, which refuses root every other access.
+    assert!(stdout.contains("ROOT-UNMOUNTED"), "{stdout}");
     assert!(
         wait_for(Duration::from_secs(5), || gone(&m)),
         "the user's daemon outlived its mount"
@@ -549,9 +563,7 @@ fn ordinary_users_mount_through_fusermount3() {
 
 #[test]
 fn serves_a_fuse_descriptor_mounted_by_someone_else() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let (dir, mnt) = SifuseMount::new_mountpoint("devfd");
     // What a setuid starter does: open /dev/fuse, mount it, hand the descriptor over.
     let fd = mount_util::mount_fuse_descriptor(&mnt, "starter", 3);

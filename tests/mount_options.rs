@@ -1,5 +1,6 @@
 //! Mount options: owner override and maps, subdir, SIF partition selection, offset,
-//! allow_other with the kernel enforcing mode bits, and the ro/nosuid/nodev flags.
+//! allow_other with the kernel enforcing mode bits, allow_root keeping everyone but root
+//! and the owner out (with the kernel's caches warm), and the ro/nosuid/nodev flags.
 
 mod common;
 mod mount_util;
@@ -13,8 +14,8 @@ use std::process::Command;
 use common::fixtures::fixtures;
 use common::tree_compare::{compare_trees, CompareOptions};
 use mount_util::{
-    assert_no_differences, can_mount, compare_views, mountinfo, scratch, KernelMount, SifuseMount,
-    ViewExceptions,
+    assert_no_differences, compare_views, mountinfo, require_mount, scratch, KernelMount,
+    SifuseMount, ViewExceptions,
 };
 use sifuse::sif::{
     arch_code, host_arch, DataType, FsType, PartType, PartitionInfo, SifWriter, WriterObject,
@@ -42,9 +43,7 @@ fn owners_under(root: &Path) -> Vec<(PathBuf, u32, u32)> {
 
 #[test]
 fn uid_and_gid_show_every_entry_with_one_owner() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let kernel = KernelMount::new(gzip());
     let m = SifuseMount::daemon(gzip(), &["-o", "uid=1234", "--gid", "5678"]);
     let owners = owners_under(&m.mountpoint);
@@ -66,9 +65,7 @@ fn uid_and_gid_show_every_entry_with_one_owner() {
 
 #[test]
 fn maps_shift_owner_ranges_like_a_user_namespace() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let m = SifuseMount::daemon(
         gzip(),
         &[
@@ -97,9 +94,7 @@ fn maps_shift_owner_ranges_like_a_user_namespace() {
 
 #[test]
 fn subdir_serves_a_subtree_as_the_kernel_shows_it() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let kernel = KernelMount::new(gzip());
     for subdir in ["links", "/names/", "bigdir"] {
         let m = SifuseMount::daemon(gzip(), &["--subdir", subdir]);
@@ -147,9 +142,7 @@ fn block_size(m: &SifuseMount) -> u64 {
 
 #[test]
 fn partition_selects_the_sif_partition_served() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let dir = scratch("partitions");
     let sif = two_partition_sif(dir.path());
     let hello = fs::read(fixtures().tree.join("hello.txt")).unwrap();
@@ -174,9 +167,7 @@ fn partition_selects_the_sif_partition_served() {
 
 #[test]
 fn offset_finds_an_image_inside_another_file() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let dir = scratch("offset");
     let wrapped = dir.path().join("wrapped.bin");
     let mut f = fs::File::create(&wrapped).unwrap();
@@ -203,9 +194,7 @@ fn as_nobody(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn allow_other_lets_others_in_and_the_kernel_enforces_mode_bits() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let path = |m: &SifuseMount, rel: &str| m.path(rel).to_str().unwrap().to_string();
 
     // Without allow_other, nobody else gets in at all.
@@ -259,11 +248,127 @@ fn allow_other_lets_others_in_and_the_kernel_enforces_mode_bits() {
     }
 }
 
+/// Run `args` as `uid` (and group `uid`, no other groups).
+fn as_user(uid: u32, args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args([format!("--reuid={uid}"), format!("--regid={uid}")])
+        .arg("--clear-groups")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Every kind of access the fixture offers, as `uid`: stat of the mount point and of a
+/// file, listing, reading, a symlink, xattrs and a walk through a subtree.
+fn every_access(m: &SifuseMount, uid: u32) -> Vec<(String, std::process::Output)> {
+    let p = |rel: &str| m.path(rel).to_str().unwrap().to_string();
+    let root = m.mountpoint.to_str().unwrap().to_string();
+    let calls: Vec<Vec<String>> = vec![
+        vec!["stat".into(), root.clone()],
+        vec!["stat".into(), p("hello.txt")],
+        vec!["ls".into(), root.clone()],
+        vec!["ls".into(), "-l".into(), p("modes")],
+        vec!["cat".into(), p("hello.txt")],
+        vec!["readlink".into(), "-v".into(), p("symlinks/absolute")],
+        vec!["getfattr".into(), "-d".into(), p("xattrs/user-only")],
+        vec![
+            "getfattr".into(),
+            "-d".into(),
+            "-m".into(),
+            "-".into(),
+            root.clone(),
+        ],
+        vec!["find".into(), p("deep")],
+    ];
+    calls
+        .into_iter()
+        .map(|args| {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            (args.join(" "), as_user(uid, &refs))
+        })
+        .collect()
+}
+
+fn assert_all_allowed(m: &SifuseMount, uid: u32) {
+    for (what, out) in every_access(m, uid) {
+        assert!(out.status.success(), "uid {uid}: {what}: {out:?}");
+    }
+}
+
+/// Every access refused with EACCES.
+fn assert_all_refused(m: &SifuseMount, uid: u32) {
+    for (what, out) in every_access(m, uid) {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("Permission denied"),
+            "uid {uid} got in: {what}: {out:?}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("squashfs"),
+            "uid {uid} read the file: {what}: {out:?}"
+        );
+    }
+}
+
+/// `-o allow_root` as root, under sifuse's name and squashfuse_ll's: root reads and
+/// lists everything, and then user 65534 — with every cache of the kernel warm — gets
+/// EACCES for each access (it used to read files, list directories and stat anything,
+/// since files and directories open without asking the server).
+#[test]
+fn allow_root_keeps_everyone_else_out_with_the_caches_warm() {
+    require_mount();
+    let dir = scratch("allow-root-bin");
+    let compat = dir.path().join("squashfuse_ll");
+    std::os::unix::fs::symlink(mount_util::SIFUSE, &compat).unwrap();
+    for program in [Path::new(mount_util::SIFUSE), compat.as_path()] {
+        let (mdir, mnt) = SifuseMount::new_mountpoint("allow-root");
+        let mut cmd = Command::new(program);
+        if program == Path::new(mount_util::SIFUSE) {
+            cmd.arg("mount");
+        }
+        let out = mount_util::run_to_exit(cmd.args(["-o", "allow_root"]).arg(gzip()).arg(&mnt));
+        let m = SifuseMount::adopt(mdir, mnt, None);
+        assert!(out.status.success(), "{}: {out:?}", program.display());
+        assert_all_allowed(&m, 0);
+        assert_all_refused(&m, 65534);
+        assert_all_allowed(&m, 0);
+        // Root owns it: the kernel itself admits only root, no allow_other needed.
+        let info = mountinfo(&m.mountpoint).unwrap();
+        assert!(!info.contains("allow_other"), "{info}");
+    }
+}
+
+/// `-o allow_root` with an owner who is not root (a setuid-root starter running sifuse
+/// for user 1000): the owner and root read everything, user 65534 is refused each access
+/// with the caches warm (the kernel must let everyone reach the server here, which
+/// refuses them and keeps no attributes in the kernel).
+#[test]
+fn allow_root_for_another_owner_admits_only_that_owner_and_root() {
+    require_mount();
+    let (mdir, mnt) = SifuseMount::new_mountpoint("allow-root-user");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--ruid=1000", "--rgid=1000", "--clear-groups"])
+        .args([mount_util::SIFUSE, "mount", "-o", "allow_root"])
+        .arg(gzip())
+        .arg(&mnt);
+    let out = mount_util::run_to_exit(&mut cmd);
+    let m = SifuseMount::adopt(mdir, mnt, None);
+    assert!(out.status.success(), "{out:?}");
+    let info = mountinfo(&m.mountpoint).unwrap();
+    assert!(
+        info.contains("user_id=1000") && info.contains("allow_other"),
+        "{info}"
+    );
+    assert_all_allowed(&m, 1000);
+    assert_all_allowed(&m, 0);
+    assert_all_refused(&m, 65534);
+    assert_all_refused(&m, 1001);
+    assert_all_allowed(&m, 1000);
+}
+
 #[test]
 fn mounts_are_read_only_nosuid_and_nodev_unless_asked() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let options = |m: &SifuseMount| -> Vec<String> {
         let info = mountinfo(&m.mountpoint).unwrap();
         info.split(' ')

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
 
 use common::fixtures::fixtures;
-use mount_util::{can_mount, SifuseMount};
+use mount_util::{require_mount, SifuseMount};
 
 const READERS: usize = 16;
 const PASSES: usize = 3;
@@ -101,9 +101,7 @@ fn reader(
 
 #[test]
 fn sixteen_parallel_readers_get_the_right_bytes() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let fx = fixtures();
     let expected: Arc<HashMap<&'static str, Vec<u8>>> = Arc::new(
         FILES

@@ -10,7 +10,7 @@ mod mount_util;
 
 use common::fixtures::{fixtures, Fixtures};
 use mount_util::{
-    assert_no_differences, can_mount, compare_views, scratch, wrap_in_sif, KernelMount,
+    assert_no_differences, compare_views, require_mount, scratch, wrap_in_sif, KernelMount,
     SifuseMount, ViewExceptions,
 };
 
@@ -31,9 +31,7 @@ with_fixture_images!(per_image);
 
 #[test]
 fn every_fixture_image_is_compared() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let listed: Vec<&str> = fixtures().images.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         listed, IMAGES,
@@ -42,9 +40,7 @@ fn every_fixture_image_is_compared() {
 }
 
 fn check_image(name: &str) {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let fx = fixtures();
     let image = fx.image(name);
     let (oracle, except) = if Fixtures::kernel_can_mount(name) {

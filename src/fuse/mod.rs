@@ -5,6 +5,7 @@
 //! Every request runs inside [`ArchiveFs::serve`]: a panic in one answers EIO (fuser sends
 //! EIO for a reply dropped unsent) and the request threads keep serving.
 
+pub mod access;
 pub mod activity;
 pub mod attr;
 pub mod handles;
@@ -80,6 +81,9 @@ pub struct ArchiveFs {
     pusher: Arc<Pusher>,
     owners: Owners,
     activity: Arc<Activity>,
+    /// How long the kernel may keep attributes: [`CACHE_TTL`], or zero under
+    /// [`ArchiveFs::revalidate_every_access`].
+    attr_ttl: Duration,
 }
 
 impl std::fmt::Debug for ArchiveFs {
@@ -164,7 +168,15 @@ impl ArchiveFs {
             listings,
             owners,
             activity,
+            attr_ttl: CACHE_TTL,
         })
+    }
+
+    /// Let the kernel keep no attributes, so that with default_permissions every access
+    /// (each directory a path walk passes, every stat) asks this server with the caller's
+    /// ids: for a mount the server must refuse some callers of ([`access`]).
+    pub fn revalidate_every_access(&mut self) {
+        self.attr_ttl = Duration::ZERO;
     }
 
     /// What pushes small files into the page cache; it pushes once connected to the
@@ -248,7 +260,7 @@ impl ArchiveFs {
         let ttl = if self.nodes.is_displaced(inode.number) {
             Duration::ZERO
         } else {
-            CACHE_TTL
+            self.attr_ttl
         };
         Ok((file_attr(inode, node, blocks, &self.owners), ttl))
     }
@@ -433,7 +445,14 @@ impl ArchiveFs {
             let name = OsStr::from_bytes(name);
             let full = if index < 2 {
                 let attr = bare_dir_attr(u64::from(number));
-                reply.add(attr.ino, index + 1, name, &CACHE_TTL, &attr, Generation(0))
+                reply.add(
+                    attr.ino,
+                    index + 1,
+                    name,
+                    &self.attr_ttl,
+                    &attr,
+                    Generation(0),
+                )
             } else {
                 let entry = &dir.entries[(index - 2) as usize];
                 // A readdirplus entry's d_ino is its node id, which for the displaced
@@ -606,7 +625,7 @@ impl Filesystem for ArchiveFs {
                 .inode_of("getattr", ino)
                 .and_then(|i| self.attr("getattr", &i))
             {
-                Ok(attr) => reply.attr(&CACHE_TTL, &attr),
+                Ok(attr) => reply.attr(&self.attr_ttl, &attr),
                 Err(e) => reply.error(e),
             }
         })

@@ -20,6 +20,7 @@ use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::mount::attach::is_inherited_fuse_fd;
 use crate::mount::detached::{self, DetachedError, DetachedSpec};
@@ -158,7 +159,8 @@ fn serve_descriptor(
         mountpoint: served_path(fuse),
         options,
     };
-    mount::mount_foreground(&req, mount_sys, live)
+    // An inherited descriptor: no mount of this process's to know.
+    mount::mount_foreground(&req, mount_sys, |_| {}, live)
 }
 
 /// `--detached`: create the mount, send `ready-fd` with its descriptor, serve.
@@ -202,6 +204,27 @@ pub fn serve_mount_fd(
     }
 }
 
+/// How long `--serve-fd` waits for the launcher's `serve-fd`: it creates the mount first,
+/// which takes milliseconds.
+const SERVE_FD_WAIT: Duration = Duration::from_secs(60);
+
+/// The launcher's first line, waiting at most `limit` for it.
+fn recv_line_within(
+    control: &File,
+    limit: Duration,
+) -> Result<Option<super::fdpass::Received>, String> {
+    use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
+    let timeout = nix::sys::time::TimeVal::new(limit.as_secs() as libc::time_t, 0);
+    setsockopt(control, ReceiveTimeout, &timeout)
+        .map_err(|e| format!("the control stream must be a socket: {e}"))?;
+    recv_line(control.as_fd()).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            format!("no serve-fd within {} s", limit.as_secs())
+        }
+        _ => e.to_string(),
+    })
+}
+
 /// What the launcher's first message must be in `--serve-fd` mode.
 fn expect_serve_fd(received: Option<super::fdpass::Received>) -> Result<OwnedFd, String> {
     let Some(r) = received else {
@@ -229,7 +252,7 @@ pub fn serve_received_fd(
     mount_sys: Arc<dyn MountSyscalls>,
 ) -> Result<(), LauncherError> {
     let fd = control.as_raw_fd();
-    let received = recv_line(control.as_fd()).map_err(|e| e.to_string());
+    let received = recv_line_within(&control, SERVE_FD_WAIT);
     let fuse = match received.and_then(expect_serve_fd) {
         Ok(f) => f,
         Err(reason) => {

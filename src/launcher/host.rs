@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::mount::attach;
-use crate::mount::sys::MountSyscalls;
+use crate::mount::sys::{MountId, MountSyscalls};
 
 use super::LauncherError;
 
@@ -25,9 +25,10 @@ pub trait HostSyscalls: Send + Sync {
     fn mkdir(&self, path: &Path) -> io::Result<()>;
     /// Remove one empty directory.
     fn rmdir(&self, path: &Path) -> io::Result<()>;
-    /// Detach the mount at `path` lazily: umount2(MNT_DETACH) as root, `fusermount3 -u -z`
-    /// otherwise.
-    fn unmount_lazy(&self, path: &Path) -> io::Result<()>;
+    /// Detach mount `id` at `path` lazily: umount2(MNT_DETACH) as root, `fusermount3 -u
+    /// -z` otherwise. Ok(false), with nothing done, when what is at `path` is not that
+    /// mount (see [`attach::unmount_exact`]).
+    fn unmount_lazy(&self, path: &Path, id: MountId) -> io::Result<bool>;
 }
 
 /// The real calls; unmounting goes through the mount layer's syscalls.
@@ -48,8 +49,8 @@ impl HostSyscalls for LinuxHost {
         std::fs::remove_dir(path)
     }
 
-    fn unmount_lazy(&self, path: &Path) -> io::Result<()> {
-        attach::unmount(&*self.0, path, true)
+    fn unmount_lazy(&self, path: &Path, id: MountId) -> io::Result<bool> {
+        attach::unmount_exact(&*self.0, path, id, true)
     }
 }
 
@@ -69,6 +70,8 @@ pub enum Stage {
 #[derive(Debug, Clone)]
 pub struct HostCopy {
     mountpoint: PathBuf,
+    /// The mount sifuse made there, once made: the only one it ever unmounts.
+    mount: Option<MountId>,
     /// Directories this process created, outermost first; only these are ever removed.
     created: Vec<PathBuf>,
     stage: Stage,
@@ -104,6 +107,7 @@ impl HostCopy {
         }
         Ok(HostCopy {
             mountpoint: root,
+            mount: None,
             created: vec![dir.clone(), dir.join(ROOT_DIR)],
             stage: Stage::Prepared,
         })
@@ -113,6 +117,7 @@ impl HostCopy {
     pub fn given(mountpoint: PathBuf) -> HostCopy {
         HostCopy {
             mountpoint,
+            mount: None,
             created: Vec::new(),
             stage: Stage::Prepared,
         }
@@ -131,15 +136,41 @@ impl HostCopy {
         self.stage
     }
 
+    /// Record the mount made at the mount point.
+    pub fn set_mount(&mut self, id: MountId) {
+        self.mount = Some(id);
+    }
+
+    /// The mount made at the mount point, if known.
+    pub fn mount(&self) -> Option<MountId> {
+        self.mount
+    }
+
+    /// Detach the mount sifuse made, if it is still at the mount point; Ok(false) when
+    /// there is none to detach (never made, or gone): nothing else is ever unmounted.
+    fn unmount_ours(&self, sys: &dyn HostSyscalls) -> io::Result<bool> {
+        match self.mount {
+            Some(id) => sys.unmount_lazy(&self.mountpoint, id),
+            None => Ok(false),
+        }
+    }
+
     /// The container holds its own copy: detach the host copy lazily and remove the
     /// directories. On failure the stage stays [`Stage::Prepared`], so that a later
     /// `cleanup` (or the watcher) still removes what is left.
     pub fn detach(&mut self, sys: &dyn HostSyscalls) -> Result<(), LauncherError> {
-        sys.unmount_lazy(&self.mountpoint)
+        let detached = self
+            .unmount_ours(sys)
             .map_err(|source| LauncherError::Unmount {
                 path: self.mountpoint.clone(),
                 source,
             })?;
+        if !detached {
+            tracing::info!(
+                "{}: sifuse's mount is no longer there; nothing unmounted",
+                self.mountpoint.display()
+            );
+        }
         self.remove_dirs(sys)?;
         self.stage = Stage::Detached;
         Ok(())
@@ -147,11 +178,12 @@ impl HostCopy {
 
     /// The container never started: unmount (lazily: whatever holds the mount lets go on
     /// its own time, and the path is free at once) and remove the directories. `mounted`
-    /// says whether a mount may exist; an unmount failure matters only when the mount
-    /// point cannot be removed afterwards, or when it is not ours to remove.
+    /// says whether a mount may exist; only the one sifuse made is unmounted, and only if
+    /// it is still there. An unmount failure matters only when the mount point cannot be
+    /// removed afterwards, or when it is not ours to remove.
     pub fn clean_up(&mut self, sys: &dyn HostSyscalls, mounted: bool) -> Result<(), LauncherError> {
         let unmounted = if mounted {
-            sys.unmount_lazy(&self.mountpoint)
+            self.unmount_ours(sys).map(drop)
         } else {
             Ok(())
         };
@@ -202,8 +234,16 @@ pub(crate) mod tests {
         pub mkdir_errno: Option<i32>,
         pub rmdir_errno: Option<i32>,
         pub unmount_errno: Option<i32>,
+        /// The mount at the mount point is not the one made (someone else unmounted it).
+        pub mount_gone: bool,
         pub calls: Mutex<Vec<String>>,
     }
+
+    /// The mount the tests' host copies made.
+    pub(crate) const MADE: MountId = MountId {
+        id: 42,
+        unique: true,
+    };
 
     fn answer(errno: Option<i32>) -> io::Result<()> {
         errno.map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
@@ -233,14 +273,45 @@ pub(crate) mod tests {
             self.log(format!("rmdir {}", path.display()));
             answer(self.rmdir_errno)
         }
-        fn unmount_lazy(&self, path: &Path) -> io::Result<()> {
+        fn unmount_lazy(&self, path: &Path, id: MountId) -> io::Result<bool> {
+            assert_eq!(id, MADE);
             self.log(format!("umount -l {}", path.display()));
-            answer(self.unmount_errno)
+            answer(self.unmount_errno)?;
+            Ok(!self.mount_gone)
         }
     }
 
+    /// A host copy whose directories are made and whose mount is [`MADE`].
     pub(crate) fn created(sys: &FakeHost) -> HostCopy {
-        HostCopy::create(sys, Path::new("/t")).unwrap()
+        let mut host = HostCopy::create(sys, Path::new("/t")).unwrap();
+        host.set_mount(MADE);
+        host
+    }
+
+    /// Before the mount is made, or when it was never made, nothing is unmounted; a
+    /// mount point the launcher gave whose mount someone else removed is not an error.
+    #[test]
+    fn only_the_mount_made_is_unmounted() {
+        let sys = FakeHost::default();
+        let mut host = HostCopy::create(&sys, Path::new("/t")).unwrap();
+        host.clean_up(&sys, true).unwrap();
+        assert_eq!(
+            sys.calls()[2..],
+            ["rmdir /t/sifuse-abc123/root", "rmdir /t/sifuse-abc123"]
+        );
+        let sys = FakeHost::default();
+        let mut host = HostCopy::given("/mnt/tmpfs".into());
+        host.clean_up(&sys, true).unwrap();
+        host.detach(&sys).unwrap();
+        assert!(sys.calls().is_empty(), "{:?}", sys.calls());
+        let sys = FakeHost {
+            mount_gone: true,
+            ..Default::default()
+        };
+        let mut host = HostCopy::given("/mnt/tmpfs".into());
+        host.set_mount(MADE);
+        host.clean_up(&sys, true).unwrap();
+        assert_eq!(host.stage(), Stage::CleanedUp);
     }
 
     #[test]
@@ -350,6 +421,7 @@ pub(crate) mod tests {
     fn a_given_mount_point_is_unmounted_but_never_removed() {
         let sys = FakeHost::default();
         let mut host = HostCopy::given("/mnt/c".into());
+        host.set_mount(MADE);
         host.detach(&sys).unwrap();
         assert_eq!(sys.calls(), ["umount -l /mnt/c"]);
         let sys = FakeHost {
@@ -357,6 +429,7 @@ pub(crate) mod tests {
             ..Default::default()
         };
         let mut host = HostCopy::given("/mnt/c".into());
+        host.set_mount(MADE);
         let err = host.clean_up(&sys, true).unwrap_err().to_string();
         assert!(err.contains("cannot unmount /mnt/c"), "{err}");
         assert_eq!(sys.calls(), ["umount -l /mnt/c"]);

@@ -8,7 +8,8 @@
 //!   SIGKILL) before the host copy was detached.
 //! - [`handoff`]: `--detached` and `--serve-fd`, the hand-offs by descriptor of a
 //!   detached mount (the new mount API), which never shows on the host at all.
-//! - [`run`]: `sifuse run`, a reference launcher on top of the protocol.
+//! - [`run`]: `sifuse run`, a reference launcher on top of the protocol; [`rootfs`]: the
+//!   mounts that make its container's root.
 //!
 //! The decisions sit on top of narrow traits for the kernel calls ([`host::HostSyscalls`]
 //! here, [`crate::mount::sys::MountSyscalls`] below), so that every transition, each call
@@ -18,6 +19,7 @@ pub mod fdpass;
 pub mod handoff;
 pub mod host;
 pub mod protocol;
+pub mod rootfs;
 pub mod run;
 pub mod server;
 pub mod watcher;

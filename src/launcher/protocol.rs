@@ -11,6 +11,74 @@ use std::sync::Mutex;
 
 use super::host::{HostCopy, HostSyscalls, Stage};
 
+/// The longest line either side reads, newline included. The protocol's messages are a
+/// few bytes (`ready` carries a path): anything longer is not a message, and reading no
+/// more of it keeps memory bounded whatever a peer sends.
+pub const MAX_LINE: usize = 4096;
+
+/// How much of an unknown line an error answer quotes.
+const QUOTED: usize = 64;
+
+/// One line as read from the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// A line in UTF-8, without its `\n` (or `\r\n`).
+    Text(String),
+    /// A line that is not UTF-8 (its bytes are dropped).
+    NotUtf8,
+    /// A line longer than [`MAX_LINE`]: read to its end and dropped.
+    TooLong,
+    /// End of file before any byte.
+    End,
+}
+
+/// Read one line of at most `max` bytes (newline included), keeping no more than that in
+/// memory: the rest of a longer line is read and thrown away up to its newline. A last
+/// line without a newline counts as a line.
+pub fn read_line_bounded(input: &mut impl BufRead, max: usize) -> io::Result<Line> {
+    let mut line = Vec::new();
+    let mut too_long = false;
+    let mut any = false;
+    loop {
+        let chunk = match input.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            break;
+        }
+        any = true;
+        let (part, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (&chunk[..i], Some(i + 1)),
+            None => (chunk, None),
+        };
+        if !too_long {
+            if line.len() + part.len() < max {
+                line.extend_from_slice(part);
+            } else {
+                too_long = true;
+                line = Vec::new();
+            }
+        }
+        let used = done.unwrap_or(chunk.len());
+        input.consume(used);
+        if done.is_some() {
+            break;
+        }
+    }
+    if !any {
+        return Ok(Line::End);
+    }
+    if too_long {
+        return Ok(Line::TooLong);
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Ok(String::from_utf8(line).map_or(Line::NotUtf8, Line::Text))
+}
+
 /// What the launcher said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -20,20 +88,29 @@ pub enum Request {
     Cleanup,
     /// End of file (or a broken stream): the launcher is gone.
     Gone,
-    /// Anything else, as received.
+    /// Anything else, described for the answer (quoted, at most [`QUOTED`] characters).
     Unknown(String),
 }
 
 /// Read one request.
 pub fn read_request(input: &mut impl BufRead) -> Request {
-    let mut line = String::new();
-    match input.read_line(&mut line) {
-        Ok(0) | Err(_) => Request::Gone,
-        Ok(_) => match line.trim_end_matches(['\n', '\r']) {
+    match read_line_bounded(input, MAX_LINE) {
+        Ok(Line::End) | Err(_) => Request::Gone,
+        Ok(Line::Text(line)) => match line.as_str() {
             "started" => Request::Started,
             "cleanup" => Request::Cleanup,
-            other => Request::Unknown(other.to_string()),
+            other => Request::Unknown(quote(other)),
         },
+        Ok(Line::NotUtf8) => Request::Unknown("(a line not in UTF-8)".into()),
+        Ok(Line::TooLong) => Request::Unknown(format!("(a line longer than {MAX_LINE} bytes)")),
+    }
+}
+
+/// `line` quoted, cut to its first [`QUOTED`] characters.
+fn quote(line: &str) -> String {
+    match line.char_indices().nth(QUOTED) {
+        Some((cut, _)) => format!("{:?}...", &line[..cut]),
+        None => format!("{line:?}"),
     }
 }
 
@@ -125,7 +202,7 @@ pub fn converse(
             }
             Request::Unknown(line) => {
                 let _ = send(&error_line(&format!(
-                    "unknown message {line:?}: expected started or cleanup"
+                    "unknown message {line}: expected started or cleanup"
                 )));
             }
         }
@@ -225,6 +302,57 @@ mod tests {
             )
         );
         assert_eq!(ending, Ending::Detached);
+    }
+
+    /// A line of 1 MiB without a newline, then non-UTF-8 bytes: each answered `error
+    /// unknown message` in one short line, and the conversation goes on (a non-UTF-8 line
+    /// used to count as end of file, and a long line was kept whole and echoed back).
+    #[test]
+    fn long_and_non_utf8_lines_are_unknown_messages() {
+        let sys = FakeHost::default();
+        let mut input = vec![b'x'; 1 << 20];
+        input.extend_from_slice(b"\n\xff\xfe hello\nstarted\n");
+        let host = Mutex::new(created(&sys));
+        let mut out = Vec::new();
+        let ending = converse(&mut &input[..], &mut out, &host, &sys, &mut || {});
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[1..],
+            [
+                "error unknown message (a line longer than 4096 bytes): expected started or cleanup",
+                "error unknown message (a line not in UTF-8): expected started or cleanup",
+                "detached",
+            ]
+        );
+        assert_eq!(ending, Ending::Detached);
+    }
+
+    #[test]
+    fn lines_are_read_within_the_bound() {
+        let read = |bytes: &[u8], max| {
+            let mut input = io::BufReader::with_capacity(7, bytes);
+            let mut lines = Vec::new();
+            loop {
+                match read_line_bounded(&mut input, max).unwrap() {
+                    Line::End => return lines,
+                    l => lines.push(l),
+                }
+            }
+        };
+        let text = |s: &str| Line::Text(s.into());
+        assert_eq!(
+            read(b"abc\r\n\ndef", 8),
+            [text("abc"), text(""), text("def")]
+        );
+        // Seven bytes and the newline fit in eight; eight do not.
+        assert_eq!(
+            read(b"1234567\n12345678\nok\n", 8),
+            [text("1234567"), Line::TooLong, text("ok")]
+        );
+        assert_eq!(read(&[b'y'; 100], 8), [Line::TooLong]);
+        assert_eq!(read(b"\xc3\n", 8), [Line::NotUtf8]);
+        assert_eq!(quote(&"z".repeat(100)), format!("{:?}...", "z".repeat(64)));
     }
 
     #[test]

@@ -41,7 +41,7 @@
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
@@ -49,16 +49,18 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
+use std::time::Duration;
 
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
-use nix::sys::statvfs::FsFlags;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 
 use super::fdpass::send_line_with_fd;
 use super::handoff;
 use super::host::temp_base;
+use super::protocol::{read_line_bounded, Line, MAX_LINE};
+use super::rootfs;
 use super::LauncherError;
 use crate::mount::detached::attach_at;
 use crate::mount::options::MountOptions;
@@ -106,136 +108,12 @@ pub struct RunRequest {
     pub detached: bool,
 }
 
-/// One step of building the container's root, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    /// Recursive bind of `source` onto `target`.
-    Bind { source: PathBuf, target: PathBuf },
-    /// Remount the bind at `target` read-only, keeping the flags it has.
-    ReadOnly(PathBuf),
-    /// A fresh tmpfs, nosuid and nodev, mode 1777.
-    Tmpfs(PathBuf),
-}
+/// How long to wait for the server to mount (`ready`) or start serving (`serving`): it
+/// opens the image and reads its superblock and tables first.
+const MOUNT_WAIT: Duration = Duration::from_secs(60);
 
-/// Where `inside` (absolute, in the container) lies under `root`. A symlink in the image
-/// may lead the mount elsewhere; it then lands in the old root, which is detached after
-/// pivot_root, so it can reach nothing of the host's (every mount here is private).
-fn under(root: &Path, inside: &Path) -> PathBuf {
-    root.join(inside.strip_prefix("/").unwrap_or(inside))
-}
-
-/// The mounts that make `root` a container root. `is_dir(path)` says whether a standard
-/// mount point exists in the image (it is read-only: nothing can be created); a missing
-/// one is skipped with a warning. Binds must find their destination.
-pub fn plan(
-    root: &Path,
-    binds: &[Bind],
-    is_dir: &dyn Fn(&Path) -> bool,
-    exists: &dyn Fn(&Path) -> bool,
-) -> Result<Vec<Step>, LauncherError> {
-    let mut steps = vec![
-        Step::Bind {
-            source: root.into(),
-            target: root.into(),
-        },
-        Step::ReadOnly(root.into()),
-    ];
-    let standard = [("proc", true), ("dev", true), ("sys", true), ("tmp", false)];
-    for (name, from_host) in standard {
-        let target = root.join(name);
-        if !is_dir(&target) {
-            tracing::warn!("the image has no /{name}: not mounted");
-            continue;
-        }
-        if from_host {
-            steps.push(Step::Bind {
-                source: Path::new("/").join(name),
-                target: target.clone(),
-            });
-            if name == "sys" {
-                steps.push(Step::ReadOnly(target));
-            }
-        } else {
-            steps.push(Step::Tmpfs(target));
-        }
-    }
-    for b in binds {
-        let target = under(root, &b.dest);
-        if !exists(&target) {
-            return Err(LauncherError::setup(
-                format!("--bind {}:{}", b.source.display(), b.dest.display()),
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "the destination does not exist in the image (it is read-only, so \
-                     sifuse cannot create it)",
-                ),
-            ));
-        }
-        steps.push(Step::Bind {
-            source: b.source.clone(),
-            target,
-        });
-    }
-    Ok(steps)
-}
-
-/// The flags of a read-only bind remount of a mount that has `current`. In a user
-/// namespace the kernel locks nosuid, nodev, noexec and the atime flags of mounts that
-/// came from a more privileged namespace: a remount that drops any of them fails with
-/// EPERM, so keep all that are set.
-pub fn readonly_remount_flags(current: FsFlags) -> MsFlags {
-    let mut f = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
-    let keep = [
-        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
-        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
-        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
-        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
-        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
-    ];
-    for (st, ms) in keep {
-        if current.contains(st) {
-            f |= ms;
-        }
-    }
-    f
-}
-
-fn apply(step: &Step) -> Result<(), LauncherError> {
-    let none: Option<&str> = None;
-    match step {
-        Step::Bind { source, target } => nix::mount::mount(
-            Some(source.as_path()),
-            target,
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            none,
-        )
-        .map_err(|e| {
-            LauncherError::setup(
-                format!("cannot bind {} to {}", source.display(), target.display()),
-                e,
-            )
-        }),
-        Step::ReadOnly(target) => {
-            let what = || format!("cannot make {} read-only", target.display());
-            let st =
-                nix::sys::statvfs::statvfs(target).map_err(|e| LauncherError::setup(what(), e))?;
-            nix::mount::mount(none, target, none, readonly_remount_flags(st.flags()), none)
-                .map_err(|e| LauncherError::setup(what(), e))
-        }
-        Step::Tmpfs(target) => nix::mount::mount(
-            Some("tmpfs"),
-            target,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=1777"),
-        )
-        .map_err(|e| {
-            LauncherError::setup(format!("cannot mount a tmpfs on {}", target.display()), e)
-        }),
-    }
-}
+/// How long to wait for any other answer (`detached`, `done`).
+const ANSWER_WAIT: Duration = Duration::from_secs(30);
 
 /// The server and the launcher's end of the control stream.
 struct Server {
@@ -290,18 +168,41 @@ impl Server {
         })
     }
 
-    /// The next line from the server, without its newline; None at end of file.
-    fn read_line(&mut self) -> Option<String> {
-        let mut line = String::new();
-        match self.input.read_line(&mut line) {
-            Ok(0) | Err(_) => None,
-            Ok(_) => Some(line.trim_end_matches('\n').to_string()),
+    /// The next line from the server, without its newline; None at end of file. A server
+    /// that says nothing for `limit` is killed (its watcher cleans up after it) and that
+    /// is the error.
+    fn read_line(&mut self, limit: Duration) -> Result<Option<String>, LauncherError> {
+        let timed_out = |e: &io::Error| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            )
+        };
+        let read = self
+            .input
+            .get_ref()
+            .set_read_timeout(Some(limit))
+            .and_then(|()| read_line_bounded(&mut self.input, MAX_LINE));
+        match read {
+            Ok(Line::Text(line)) => Ok(Some(line)),
+            Ok(Line::NotUtf8 | Line::TooLong) => Ok(Some("(an unreadable line)".into())),
+            Ok(Line::End) => Ok(None),
+            Err(e) if timed_out(&e) => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                Err(LauncherError::Server(format!(
+                    "did not answer within {} s: stopped",
+                    limit.as_secs()
+                )))
+            }
+            // A broken stream: the server is gone.
+            Err(_) => Ok(None),
         }
     }
 
     /// Wait for `ready PATH`.
     fn ready(&mut self) -> Result<PathBuf, LauncherError> {
-        match self.read_line() {
+        match self.read_line(MOUNT_WAIT)? {
             Some(line) => match line.split_once(' ') {
                 Some(("ready", path)) => Ok(PathBuf::from(path)),
                 Some(("error", msg)) => {
@@ -327,7 +228,7 @@ impl Server {
         use std::os::fd::AsFd;
         send_line_with_fd(self.output.as_fd(), "serve-fd", fuse.as_fd())
             .map_err(|e| LauncherError::Server(format!("cannot send serve-fd: {e}")))?;
-        match self.read_line() {
+        match self.read_line(MOUNT_WAIT)? {
             Some(line) if line == "serving" => Ok(()),
             Some(line) => Err(LauncherError::Server(
                 line.strip_prefix("error ").unwrap_or(&line).to_string(),
@@ -348,9 +249,11 @@ impl Server {
     /// Startup failed: ask the server to clean up, and wait for it.
     fn clean_up(mut self) {
         if self.send("cleanup").is_ok() {
-            match self.read_line().as_deref() {
-                Some("done") | None => {}
-                Some(other) => eprintln!("sifuse: cleanup: {other}"),
+            match self.read_line(ANSWER_WAIT) {
+                Ok(Some(line)) if line == "done" => {}
+                Ok(None) => {}
+                Ok(Some(other)) => eprintln!("sifuse: cleanup: {other}"),
+                Err(e) => eprintln!("sifuse: cleanup: {e}"),
             }
         }
         drop(self.output);
@@ -406,16 +309,16 @@ type HeldSources = Vec<(PathBuf, File)>;
 /// from their descriptors, so that a source the attached image hides is still reached.
 fn enter_root(root: &Path, binds: &[Bind], held: &HeldSources) -> Result<(), LauncherError> {
     make_private()?;
-    let mut steps = plan(root, binds, &|p| p.is_dir(), &|p| p.exists())?;
+    let mut steps = rootfs::plan(root, binds, &|p| p.is_dir(), &|p| p.exists())?;
     for step in &mut steps {
-        if let Step::Bind { source, .. } = step {
+        if let rootfs::Step::Bind { source, .. } = step {
             if let Some((_, f)) = held.iter().find(|(p, _)| p == source) {
                 *source = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
             }
         }
     }
     for step in &steps {
-        apply(step)?;
+        rootfs::apply(&rootfs::LinuxRoot, step)?;
     }
     std::env::set_current_dir(root)
         .map_err(|e| LauncherError::setup(format!("cannot enter {}", root.display()), e))?;
@@ -611,14 +514,15 @@ fn run_on_host(req: &RunRequest, userns: bool, binds: &[Bind]) -> Result<i32, La
             return Err(e);
         }
     };
-    match server
-        .send("started")
-        .ok()
-        .and_then(|()| server.read_line())
-    {
-        Some(line) if line == "detached" => {}
-        Some(line) => eprintln!("sifuse: the server did not detach the host copy: {line}"),
-        None => eprintln!("sifuse: the server did not answer started"),
+    let answer = match server.send("started") {
+        Ok(()) => server.read_line(ANSWER_WAIT),
+        Err(e) => Err(LauncherError::Server(format!("cannot send started: {e}"))),
+    };
+    match answer {
+        Ok(Some(line)) if line == "detached" => {}
+        Ok(Some(line)) => eprintln!("sifuse: the server did not detach the host copy: {line}"),
+        Ok(None) => eprintln!("sifuse: the server did not answer started"),
+        Err(e) => eprintln!("sifuse: {e}"),
     }
     let status = wait_container(child)?;
     // The server serves the container's copy until this process, the last holder, is
@@ -722,7 +626,8 @@ fn wait_with_the_server(
             return wait_container(child);
         }
         if fds[1].revents != 0 {
-            if let Some(line) = server.read_line() {
+            // Readable: a line, or the end of the stream, is there already.
+            if let Ok(Some(line)) = server.read_line(ANSWER_WAIT) {
                 tracing::warn!("the server said {line:?} after serving");
                 continue;
             }
@@ -766,53 +671,6 @@ mod tests {
         );
         assert!("a:b".parse::<Bind>().unwrap_err().contains("absolute"));
         assert!(":/x".parse::<Bind>().is_err());
-    }
-
-    #[test]
-    fn the_plan_binds_the_root_first_and_skips_what_the_image_lacks() {
-        let root = Path::new("/t/r");
-        let binds = ["/data:/opt".parse::<Bind>().unwrap()];
-        let steps = plan(root, &binds, &|p| p != Path::new("/t/r/sys"), &|p| {
-            p == Path::new("/t/r/opt")
-        })
-        .unwrap();
-        let bind = |s: &str, t: &str| Step::Bind {
-            source: s.into(),
-            target: t.into(),
-        };
-        assert_eq!(
-            steps,
-            [
-                bind("/t/r", "/t/r"),
-                Step::ReadOnly("/t/r".into()),
-                bind("/proc", "/t/r/proc"),
-                bind("/dev", "/t/r/dev"),
-                Step::Tmpfs("/t/r/tmp".into()),
-                bind("/data", "/t/r/opt"),
-            ]
-        );
-        let all = plan(root, &[], &|_| true, &|_| true).unwrap();
-        assert!(all.contains(&Step::ReadOnly("/t/r/sys".into())));
-        let err = plan(root, &binds, &|_| true, &|_| false)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--bind /data:/opt"), "{err}");
-    }
-
-    #[test]
-    fn read_only_remounts_keep_locked_flags() {
-        let f = readonly_remount_flags(FsFlags::ST_NOSUID | FsFlags::ST_NODEV | FsFlags::ST_NOEXEC);
-        assert_eq!(
-            f,
-            MsFlags::MS_REMOUNT
-                | MsFlags::MS_BIND
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV
-                | MsFlags::MS_NOEXEC
-        );
-        let f = readonly_remount_flags(FsFlags::ST_RELATIME);
-        assert!(f.contains(MsFlags::MS_RELATIME) && !f.contains(MsFlags::MS_NOSUID));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use crate::mount::options::MountOptions;
-use crate::mount::sys::MountSyscalls;
+use crate::mount::sys::{MountId, MountSyscalls};
 use crate::mount::{self, MountRequest};
 
 use super::handoff::{self, HandOff};
@@ -142,7 +142,22 @@ pub fn serve(req: ServerRequest, mount_sys: Arc<dyn MountSyscalls>) -> Result<()
             Err(e) => cannot_talk(&format!("cannot use the control stream: {e}")),
         }
     };
-    let served = mount::mount_foreground(&mount_req, mount_sys, live);
+    // Which mount is ours: the host copy and the watcher learn it before it is attached
+    // (where the kernel allows), so that neither ever unmounts anything else there.
+    let created = {
+        let shared = shared.clone();
+        move |id: MountId| {
+            shared
+                .host
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_mount(id);
+            if let Some(w) = &*shared.watcher.lock().unwrap_or_else(|e| e.into_inner()) {
+                w.tell_mount(id);
+            }
+        }
+    };
+    let served = mount::mount_foreground(&mount_req, mount_sys, created, live);
     let _ = ended_tx.send(());
     finish(served, &shared, &host_sys, &mut control)
 }

@@ -1,8 +1,11 @@
 //! The cleanup watcher: a small process forked before the mount exists, holding the read
-//! end of a pipe whose write end only the server has. If the server dies — even by
-//! SIGKILL — before the host copy is detached, the pipe reaches end of file and the
-//! watcher lazily unmounts the host copy and removes the directories. The server disarms
-//! it (one byte, `d`) once the host copy is detached or cleaned up, and it exits.
+//! end of a pipe whose write end only the server has. The server tells it which mount it
+//! made (`m`, the mount id), before that mount is attached where the kernel allows. If
+//! the server dies — even by SIGKILL — before the host copy is detached, the pipe reaches
+//! end of file and the watcher lazily unmounts that mount, if it is still at the mount
+//! point, and removes the directories; before it knows of a mount it unmounts nothing.
+//! The server disarms it (one byte, `d`) once the host copy is detached or cleaned up,
+//! and it exits.
 //!
 //! It is forked while the server has a single thread, before the mount exists, so it holds
 //! neither the FUSE descriptor (which would keep the connection alive) nor the control
@@ -17,9 +20,13 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{fork, ForkResult, Pid};
 
 use super::host::{HostCopy, HostSyscalls};
+use crate::mount::sys::MountId;
 
 /// The byte that disarms the watcher.
 const DISARM: u8 = b'd';
+
+/// The byte before a mount id (8 bytes, little-endian) and its kind (1 if never reused).
+const MOUNTED: u8 = b'm';
 
 /// What the watcher did.
 #[derive(Debug, PartialEq, Eq)]
@@ -34,17 +41,27 @@ pub enum Watched {
 
 /// The watcher's work: wait for the server's word or its end, then act on it.
 pub fn watch(pipe: &mut impl Read, host: &mut HostCopy, sys: &dyn HostSyscalls) -> Watched {
-    let mut byte = [0u8; 1];
-    let heard = loop {
-        match pipe.read(&mut byte) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Ok(1) => break byte[0] == DISARM,
-            // End of file or a broken pipe: the server is gone.
-            _ => break false,
+    loop {
+        let mut tag = [0u8; 1];
+        // End of file, a broken pipe or anything unexpected: the server is gone.
+        if pipe.read_exact(&mut tag).is_err() {
+            break;
         }
-    };
-    if heard {
-        return Watched::Disarmed;
+        match tag[0] {
+            DISARM => return Watched::Disarmed,
+            MOUNTED => {
+                let mut id = [0u8; 9];
+                if pipe.read_exact(&mut id).is_err() {
+                    break;
+                }
+                let (number, kind) = id.split_at(8);
+                host.set_mount(MountId {
+                    id: u64::from_le_bytes(number.try_into().expect("8 bytes")),
+                    unique: kind[0] == 1,
+                });
+            }
+            _ => break,
+        }
     }
     match host.clean_up(sys, true) {
         Ok(()) => Watched::CleanedUp,
@@ -61,6 +78,16 @@ pub struct Watcher {
 }
 
 impl Watcher {
+    /// Tell the watcher which mount the server made: the only one it may unmount.
+    pub fn tell_mount(&self, id: MountId) {
+        let mut message = vec![MOUNTED];
+        message.extend_from_slice(&id.id.to_le_bytes());
+        message.push(u8::from(id.unique));
+        if let Err(e) = (&self.pipe).write_all(&message) {
+            tracing::warn!("cannot tell the cleanup watcher of the mount: {e}");
+        }
+    }
+
     /// Tell the watcher the host copy needs it no more, and reap it.
     pub fn disarm(mut self) {
         if let Err(e) = self.pipe.write_all(&[DISARM]) {
@@ -145,7 +172,7 @@ fn close_all_but(keep: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::launcher::host::tests::{created, FakeHost};
+    use crate::launcher::host::tests::{created, FakeHost, MADE};
     use crate::launcher::host::Stage;
 
     #[test]
@@ -153,14 +180,49 @@ mod tests {
         let sys = FakeHost::default();
         let mut host = created(&sys);
         assert_eq!(watch(&mut &b"d"[..], &mut host, &sys), Watched::Disarmed);
+        let told_then_disarmed = [&mounted()[..], b"d"].concat();
+        assert_eq!(
+            watch(&mut &told_then_disarmed[..], &mut host, &sys),
+            Watched::Disarmed
+        );
         assert_eq!(sys.calls().len(), 2, "only the creation: {:?}", sys.calls());
+    }
+
+    /// The message a server sends once it made mount [`MADE`].
+    fn mounted() -> Vec<u8> {
+        let mut m = vec![MOUNTED];
+        m.extend_from_slice(&MADE.id.to_le_bytes());
+        m.push(1);
+        m
+    }
+
+    /// Killed before it mounted anything (or before it could say which mount it made):
+    /// the directories go, and nothing is unmounted — a mount point the launcher gave may
+    /// have its own file system, which is not sifuse's.
+    #[test]
+    fn the_server_gone_before_its_mount_unmounts_nothing() {
+        for input in [&b""[..], b"m\x2a\x00"] {
+            let sys = FakeHost::default();
+            let mut host = HostCopy::create(&sys, std::path::Path::new("/t")).unwrap();
+            assert_eq!(watch(&mut &*input, &mut host, &sys), Watched::CleanedUp);
+            assert_eq!(
+                sys.calls()[2..],
+                ["rmdir /t/sifuse-abc123/root", "rmdir /t/sifuse-abc123"]
+            );
+            let sys = FakeHost::default();
+            let mut host = HostCopy::given("/mnt/tmpfs".into());
+            assert_eq!(watch(&mut &*input, &mut host, &sys), Watched::CleanedUp);
+            assert!(sys.calls().is_empty(), "{:?}", sys.calls());
+        }
     }
 
     #[test]
     fn the_server_gone_armed_means_cleanup() {
-        for input in [&b""[..], b"x"] {
+        let told = mounted();
+        let told_then_junk = [&told[..], b"x"].concat();
+        for input in [&told[..], &told_then_junk[..]] {
             let sys = FakeHost::default();
-            let mut host = created(&sys);
+            let mut host = HostCopy::create(&sys, std::path::Path::new("/t")).unwrap();
             assert_eq!(watch(&mut &*input, &mut host, &sys), Watched::CleanedUp);
             assert_eq!(
                 sys.calls()[2..],

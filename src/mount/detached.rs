@@ -58,6 +58,17 @@ impl DetachedError {
     pub fn is_unsupported(&self) -> bool {
         matches!(self, DetachedError::Unsupported { .. })
     }
+
+    /// As an I/O error: the kernel's own where it refused the privilege (EPERM, which
+    /// callers answer by trying fusermount3), else of the same kind, with the message.
+    pub fn into_io(self) -> io::Error {
+        let (DetachedError::Unsupported { source, .. } | DetachedError::Failed { source, .. }) =
+            &self;
+        if source.raw_os_error() == Some(libc::EPERM) {
+            return io::Error::from_raw_os_error(libc::EPERM);
+        }
+        io::Error::new(source.kind(), self.to_string())
+    }
 }
 
 /// What the detached mount looks like.
@@ -145,6 +156,62 @@ fn set_flag(fs: &OwnedFd, key: &str) -> io::Result<()> {
 /// returns the mount's descriptor (close-on-exec). The FUSE connection starts now: the
 /// first access through the mount waits for the server's INIT reply.
 pub fn create(fuse: BorrowedFd<'_>, spec: &DetachedSpec) -> Result<OwnedFd, DetachedError> {
+    let (uid, gid) = spec.owner;
+    let mut params: Vec<(&str, Option<String>)> = vec![
+        ("source", Some(spec.source.clone())),
+        ("subtype", Some(spec.subtype.clone())),
+        ("fd", Some(fuse.as_raw_fd().to_string())),
+        ("rootmode", Some("40000".into())),
+        ("user_id", Some(uid.to_string())),
+        ("group_id", Some(gid.to_string())),
+    ];
+    if spec.access.kernel_allows_others(uid) {
+        // As for mount(2): the kernel enforces mode bits for everyone else.
+        params.push(("default_permissions", None));
+        params.push(("allow_other", None));
+    }
+    create_mount(&params, spec.flags)
+}
+
+/// Create, detached, the mount that mount(2) would make of `fstype` (`fuse` or
+/// `fuse.SUBTYPE`) from `source` with the option string `data` (`key=value` and bare
+/// flags, comma-separated, as the kernel's FUSE driver takes them).
+pub fn create_from_data(
+    source: &str,
+    fstype: &str,
+    flags: MountFlags,
+    data: &str,
+) -> Result<OwnedFd, DetachedError> {
+    let mut params: Vec<(&str, Option<String>)> = vec![("source", Some(source.to_string()))];
+    match fstype.split_once('.') {
+        Some(("fuse", subtype)) => params.push(("subtype", Some(subtype.to_string()))),
+        None if fstype == "fuse" => {}
+        _ => {
+            return Err(DetachedError::Failed {
+                call: "fsopen",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{fstype} is not a FUSE file system type"),
+                ),
+                log: String::new(),
+            })
+        }
+    }
+    for item in data.split(',').filter(|i| !i.is_empty()) {
+        params.push(match item.split_once('=') {
+            Some((key, value)) => (key, Some(value.to_string())),
+            None => (item, None),
+        });
+    }
+    create_mount(&params, flags)
+}
+
+/// fsopen("fuse"), one fsconfig per parameter (a string, or a flag where there is no
+/// value), a read-only superblock, FSCONFIG_CMD_CREATE, and fsmount read-only with `flags`.
+fn create_mount(
+    params: &[(&str, Option<String>)],
+    flags: MountFlags,
+) -> Result<OwnedFd, DetachedError> {
     let name = cstring("fuse").expect("no NUL");
     // SAFETY: a valid C string.
     let raw = unsafe { libc::syscall(libc::SYS_fsopen, name.as_ptr(), FSOPEN_CLOEXEC) };
@@ -169,23 +236,15 @@ pub fn create(fuse: BorrowedFd<'_>, spec: &DetachedSpec) -> Result<OwnedFd, Deta
         log: context_log(&fs),
         source,
     };
-    let (uid, gid) = spec.owner;
-    let settings: Vec<(&str, String)> = vec![
-        ("source", spec.source.clone()),
-        ("subtype", spec.subtype.clone()),
-        ("fd", fuse.as_raw_fd().to_string()),
-        ("rootmode", "40000".into()),
-        ("user_id", uid.to_string()),
-        ("group_id", gid.to_string()),
-    ];
-    for (key, value) in &settings {
-        set_string(&fs, key, value).map_err(|e| failed("fsconfig", e))?;
+    for (key, value) in params {
+        match value {
+            Some(value) => set_string(&fs, key, value),
+            None => set_flag(&fs, key),
+        }
+        .map_err(|e| failed("fsconfig", e))?;
     }
-    if spec.access != Access::Owner {
-        // As for mount(2): the kernel enforces mode bits for everyone else.
-        set_flag(&fs, "default_permissions").map_err(|e| failed("fsconfig", e))?;
-        set_flag(&fs, "allow_other").map_err(|e| failed("fsconfig", e))?;
-    }
+    // A read-only superblock too, as mount(2) with MS_RDONLY makes.
+    set_flag(&fs, "ro").map_err(|e| failed("fsconfig", e))?;
     // SAFETY: no pointers.
     let rc = unsafe {
         libc::syscall(
@@ -201,10 +260,10 @@ pub fn create(fuse: BorrowedFd<'_>, spec: &DetachedSpec) -> Result<OwnedFd, Deta
         return Err(failed("fsconfig(FSCONFIG_CMD_CREATE)", last_error()));
     }
     let mut attrs = MOUNT_ATTR_RDONLY;
-    if spec.flags.nosuid {
+    if flags.nosuid {
         attrs |= MOUNT_ATTR_NOSUID;
     }
-    if spec.flags.nodev {
+    if flags.nodev {
         attrs |= MOUNT_ATTR_NODEV;
     }
     // SAFETY: no pointers.

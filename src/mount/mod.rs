@@ -25,6 +25,7 @@ use std::time::Duration;
 use fuser::{BackgroundSession, Session, SessionACL};
 
 use crate::archive::{Archive, FileKind, Inode};
+use crate::fuse::access::{Callers, Gated};
 use crate::fuse::activity::Activity;
 use crate::fuse::{ArchiveFs, Opens};
 use crate::image::{self, ImageSpec};
@@ -33,7 +34,7 @@ use attach::{Attachment, MountSpec};
 use daemon::{Outcome, Readiness, Role};
 use notify::NotifyPipe;
 use options::{Access, MountOptions, OptionError};
-use sys::{MountFlags, MountSyscalls};
+use sys::{MountFlags, MountId, MountSyscalls};
 
 /// The subtype mountinfo shows (`fuse.sifuse`) unless the options name another.
 pub const DEFAULT_SUBTYPE: &str = "sifuse";
@@ -107,14 +108,19 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
 
 /// A live FUSE session on a mounted file system, not yet serving.
 struct Mounted {
-    session: Session<ArchiveFs>,
+    session: Session<Gated<ArchiveFs>>,
     attachment: Attachment,
     activity: Arc<Activity>,
     root_number: u32,
 }
 
-/// Everything up to a mounted, handshaken session.
-fn prepare(req: &MountRequest, sys: &dyn MountSyscalls) -> Result<Mounted, MountError> {
+/// Everything up to a mounted, handshaken session. `created` hears the identity of the
+/// mount made, as early as the kernel allows (see [`MountSyscalls::mount`]).
+fn prepare(
+    req: &MountRequest,
+    sys: &dyn MountSyscalls,
+    created: &mut dyn FnMut(MountId),
+) -> Result<Mounted, MountError> {
     let opts = &req.options;
     opts.validate()?;
     let owners = opts.owners()?;
@@ -129,12 +135,30 @@ fn prepare(req: &MountRequest, sys: &dyn MountSyscalls) -> Result<Mounted, Mount
     let root = served_root(&img.archive, opts.subdir.as_deref())?;
     let root_number = root.number;
     let activity = Arc::new(Activity::default());
-    // The idle timeout counts open files, so only under one are opens asked for.
+    // Who may use the mount: the kernel lets in only the owner unless allow_other is
+    // set on the mount, which everyone and, for an owner who is not root, allow_root need;
+    // then the server refuses the callers the options do not admit, and must be asked on
+    // every access. A /dev/fuse descriptor someone else mounted may carry allow_other.
+    let owner = sys.user_and_group().0;
+    let inherited = attach::is_inherited_fuse_fd(&mountpoint);
+    let callers = match opts.access() {
+        Access::Owner => Callers::Owner(owner),
+        Access::OwnerAndRoot => Callers::OwnerAndRoot(owner),
+        Access::Everyone => Callers::Anyone,
+    };
+    let server_decides = opts.access() == Access::OwnerAndRoot
+        && (inherited || opts.access().kernel_allows_others(owner));
+    // The idle timeout counts open files, so only under one are opens asked for; and
+    // where the server decides who gets in, so that each open is checked too.
     let opens = match opts.idle_timeout() {
         Some(_) => Opens::Counted,
+        None if server_decides => Opens::Counted,
         None => Opens::Unasked,
     };
-    let fs = ArchiveFs::new(img.archive, root, owners, opens, activity.clone())?;
+    let mut fs = ArchiveFs::new(img.archive, root, owners, opens, activity.clone())?;
+    if server_decides {
+        fs.revalidate_every_access();
+    }
 
     let source = match &opts.fsname {
         Some(name) => name.clone(),
@@ -158,22 +182,20 @@ fn prepare(req: &MountRequest, sys: &dyn MountSyscalls) -> Result<Mounted, Mount
         access: opts.access(),
     };
     let (fd, attachment) =
-        attach::attach(sys, &mountpoint, &spec).map_err(|source| MountError::Attach {
+        attach::attach(sys, &mountpoint, &spec, created).map_err(|source| MountError::Attach {
             path: mountpoint.clone(),
             source,
         })?;
 
-    let acl = match opts.access() {
-        Access::Owner => SessionACL::Owner,
-        Access::OwnerAndRoot => SessionACL::RootAndOwner,
-        Access::Everyone => SessionACL::All,
-    };
+    // Callers are checked by Gated, against the mount's owner (the real uid, which the
+    // kernel was given); fuser's own check would compare with the effective one.
+    let acl = SessionACL::All;
     let mut config = fuser::Config::default();
     config.acl = acl;
     config.n_threads = Some(opts.thread_count());
     config.clone_fd = true;
     let pusher = fs.pusher();
-    let session = Session::from_fd(fs, fd, acl, config).map_err(|source| {
+    let session = Session::from_fd(Gated::new(fs, callers), fd, acl, config).map_err(|source| {
         undo(sys, &attachment);
         MountError::Handshake {
             path: mountpoint.clone(),
@@ -200,7 +222,7 @@ fn undo(sys: &dyn MountSyscalls, attachment: &Attachment) {
 /// process returns once the daemon reports the mount live (Ok) or failed (Err).
 pub fn mount(req: &MountRequest, sys: Arc<dyn MountSyscalls>) -> Result<(), MountError> {
     let notify = req.options.notify_pipe.as_ref().map(NotifyPipe::new);
-    let mounted = prepare(req, &*sys).inspect_err(|_| {
+    let mounted = prepare(req, &*sys, &mut |_| {}).inspect_err(|_| {
         if let Some(n) = &notify {
             n.failed();
         }
@@ -234,14 +256,16 @@ pub fn mount(req: &MountRequest, sys: Arc<dyn MountSyscalls>) -> Result<(), Moun
 /// the calling thread, before serving goes on), then serve until the kernel ends the
 /// connection: the last copy of the mount, in any mount namespace, is gone. For launchers
 /// ([`crate::launcher`]), which detach and clean up the host copy from another thread
-/// with [`attach::unmount`].
+/// with [`attach::unmount_exact`]: `created` tells them which mount is theirs, before it
+/// is attached where the kernel allows.
 pub fn mount_foreground(
     req: &MountRequest,
     sys: Arc<dyn MountSyscalls>,
+    mut created: impl FnMut(MountId),
     live: impl FnOnce(&Path) + Send + 'static,
 ) -> Result<(), MountError> {
     let notify = req.options.notify_pipe.as_ref().map(NotifyPipe::new);
-    let mounted = prepare(req, &*sys).inspect_err(|_| {
+    let mounted = prepare(req, &*sys, &mut created).inspect_err(|_| {
         if let Some(n) = &notify {
             n.failed();
         }
@@ -291,26 +315,27 @@ fn mountinfo_path(path: &Path) -> PathBuf {
     }
 }
 
-/// `sifuse umount`: unmount the FUSE file system at `path`, and nothing else.
+/// `sifuse umount`: unmount the FUSE file system at `path`, and nothing else. The mount
+/// found there is held while its type is checked and unmounted through that hold, so a
+/// mount made there meanwhile is not touched.
 pub fn umount(sys: &dyn MountSyscalls, path: &Path, lazy: bool) -> Result<(), MountError> {
     let target = mountinfo_path(path);
-    let refuse = |reason: String| MountError::Unmount {
+    let is_fuse = |pinned: &sys::PinnedMount| {
+        let line = mountinfo::line_of(pinned.mountinfo_id)
+            .map_err(|e| format!("cannot read mountinfo: {e}"))?
+            .ok_or("nothing is mounted there")?;
+        match mountinfo::fs_type(&line) {
+            Some(t) if t == "fuse" || t.starts_with("fuse.") => Ok(()),
+            t => Err(format!(
+                "it is a {} mount, not FUSE: use umount(8)",
+                t.unwrap_or("unknown")
+            )),
+        }
+    };
+    attach::unmount_fuse_at(sys, &target, lazy, &is_fuse).map_err(|reason| MountError::Unmount {
         path: target.clone(),
         reason,
-    };
-    let line = mountinfo::line_at(&target)
-        .map_err(|e| refuse(format!("cannot read mountinfo: {e}")))?
-        .ok_or_else(|| refuse("nothing is mounted there".into()))?;
-    match mountinfo::fs_type(&line) {
-        Some(t) if t == "fuse" || t.starts_with("fuse.") => {}
-        t => {
-            let t = t.unwrap_or("unknown");
-            return Err(refuse(format!(
-                "it is a {t} mount, not FUSE: use umount(8)"
-            )));
-        }
-    }
-    attach::unmount(sys, &target, lazy).map_err(|e| refuse(e.to_string()))
+    })
 }
 
 /// Start the request threads, confirm the mount answers, report, then serve until the
@@ -365,7 +390,7 @@ fn serve(
 
 /// Everything between a handshaken session and a mount reported live.
 fn start_serving(
-    session: Session<ArchiveFs>,
+    session: Session<Gated<ArchiveFs>>,
     opts: &MountOptions,
     sys: &Arc<dyn MountSyscalls>,
     attachment: &Arc<Attachment>,
@@ -509,6 +534,7 @@ mod tests {
     fn umount_touches_only_fuse_mounts() {
         let sys = FakeSys {
             root: true,
+            real_pins: true,
             ..Default::default()
         };
         let dir = tempfile::tempdir().unwrap();

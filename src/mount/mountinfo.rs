@@ -37,12 +37,36 @@ pub fn line_in<'a>(mountinfo: &'a str, path: &Path) -> Option<&'a str> {
         .find(|line| line.split(' ').nth(4).map(unescape).as_deref() == Some(path))
 }
 
+/// The mount point on a mountinfo line.
+pub fn mount_point(line: &str) -> Option<PathBuf> {
+    line.split(' ').nth(4).map(unescape)
+}
+
+/// Every mount point in `mountinfo` text, in its order (parents before the mounts on them).
+pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo.lines().filter_map(mount_point).collect()
+}
+
 /// The file system type on a mountinfo line: the field after the "-" separator that ends
 /// the optional fields.
 pub fn fs_type(line: &str) -> Option<&str> {
     let mut fields = line.split(' ').skip_while(|f| *f != "-");
     fields.next()?;
     fields.next()
+}
+
+/// The line of the mount whose id (the first field) is `id` in `mountinfo` text.
+pub fn line_with_id(mountinfo: &str, id: u64) -> Option<&str> {
+    let id = id.to_string();
+    mountinfo
+        .lines()
+        .find(|line| line.split(' ').next() == Some(id.as_str()))
+}
+
+/// The mountinfo line of mount `id` in this process's mount namespace.
+pub fn line_of(id: u64) -> io::Result<Option<String>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(line_with_id(&info, id).map(str::to_string))
 }
 
 /// The mountinfo line of the topmost mount at `path` in this process's mount namespace.
@@ -75,6 +99,20 @@ mod tests {
             .ends_with("/other ro"));
         assert_eq!(type_at("/tmp"), None);
         assert_eq!(fs_type("no separator"), None);
+    }
+
+    #[test]
+    fn lists_mount_points() {
+        assert_eq!(
+            mount_points(INFO),
+            ["/proc", "/tmp/a b", "/tmp/x", "/tmp/x"].map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn finds_a_mount_by_id() {
+        assert!(line_with_id(INFO, 43).unwrap().contains("tmpfs"));
+        assert!(line_with_id(INFO, 4).is_none());
     }
 
     #[test]

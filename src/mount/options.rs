@@ -31,6 +31,21 @@ pub enum Access {
     Everyone,
 }
 
+impl Access {
+    /// Whether the kernel must let users besides the mount's owner (`owner_uid`) reach
+    /// the server at all (FUSE's allow_other): for everyone, and for root when the owner
+    /// is someone else. A mount root owns needs no such thing under allow_root: without
+    /// allow_other the kernel itself lets in only processes of the owner's ids (its
+    /// fuse_allow_current_process), whatever it has cached.
+    pub fn kernel_allows_others(self, owner_uid: u32) -> bool {
+        match self {
+            Access::Owner => false,
+            Access::OwnerAndRoot => owner_uid != 0,
+            Access::Everyone => true,
+        }
+    }
+}
+
 /// Everything `sifuse mount` can be told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountOptions {
@@ -354,6 +369,15 @@ mod tests {
         assert_eq!(parsed("max_threads=3,max_idle_threads=10").threads, Some(3));
         assert_eq!(parsed("allow_root").access(), Access::OwnerAndRoot);
         assert_eq!(parsed("").offset, None);
+    }
+
+    #[test]
+    fn the_kernel_lets_others_in_only_where_it_must() {
+        assert!(!Access::Owner.kernel_allows_others(1000));
+        assert!(Access::Everyone.kernel_allows_others(0));
+        // allow_root: root's own mount needs nobody else; a user's must let root in.
+        assert!(!Access::OwnerAndRoot.kernel_allows_others(0));
+        assert!(Access::OwnerAndRoot.kernel_allows_others(1000));
     }
 
     #[test]

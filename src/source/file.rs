@@ -67,31 +67,67 @@ impl ReadAt for FileWindow {
     }
 }
 
+/// Refuse what cannot be an image before anything reads it: a FIFO or a socket would block
+/// or fail every positioned read, a directory cannot be read at all.
+fn check_image_kind(meta: &std::fs::Metadata) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = meta.file_type();
+    let what = if kind.is_file() || kind.is_block_device() {
+        return Ok(());
+    } else if kind.is_dir() {
+        "is a directory"
+    } else if kind.is_fifo() {
+        "is a FIFO"
+    } else if kind.is_socket() {
+        "is a socket"
+    } else if kind.is_char_device() {
+        "is a character device"
+    } else {
+        "is not a regular file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what}: an image must be a regular file or a block device"),
+    ))
+}
+
 /// Open an image file read-only. `/proc/self/fd/N` and `/dev/fd/N` name an inherited
 /// descriptor: reopening the magic link would fail for some files (and would not share the
 /// descriptor the launcher handed over), so duplicate the descriptor instead.
+///
+/// Never blocks: the type is checked before the file is opened, the open itself does not
+/// wait (O_NONBLOCK, which a FIFO would otherwise need to block for a writer), and what was
+/// opened is checked again to be the same file.
 pub fn open_image_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     if let Some(fd) = inherited_fd(path) {
+        // SAFETY: inherited_fd checked that the descriptor is open; it is only duplicated.
         let dup = nix::unistd::dup(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
             .map_err(io::Error::from)?;
         let file = File::from(dup);
-        // Refuse directories and the like early: a clear message beats EISDIR later.
-        let meta = file.metadata()?;
-        if meta.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "is a directory",
-            ));
-        }
+        check_image_kind(&file.metadata()?)?;
         return Ok(file);
     }
-    let file = File::open(path)?;
-    if file.metadata()?.is_dir() {
+    let before = std::fs::metadata(path)?;
+    check_image_kind(&before)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let opened = file.metadata()?;
+    check_image_kind(&opened)?;
+    if (opened.dev(), opened.ino()) != (before.dev(), before.ino()) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "is a directory",
+            "the file changed while it was opened",
         ));
     }
+    // Reads of a regular file or a block device may wait for the disk, as usual.
+    nix::fcntl::fcntl(
+        &file,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .map_err(io::Error::from)?;
     Ok(file)
 }
 
@@ -111,6 +147,7 @@ pub fn inherited_fd(path: &Path) -> Option<i32> {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::path::PathBuf;
 
     #[test]
     fn window_reads_inside_and_refuses_outside() {
@@ -141,5 +178,30 @@ mod tests {
         let mut b = [0u8; 3];
         g.read_exact_at(&mut b, 0).unwrap();
         assert_eq!(&b, b"abc");
+    }
+
+    /// A FIFO (which open(2) would block on for a writer), a pipe or socket handed over as
+    /// a descriptor, a directory and a character device: refused at once, with the reason;
+    /// the open does not wait for a writer.
+    #[test]
+    fn what_cannot_be_an_image_is_refused_without_blocking() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (pipe_read, _pipe_write) = nix::unistd::pipe().unwrap();
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let by_fd = |fd: i32| PathBuf::from(format!("/proc/self/fd/{fd}"));
+        for (path, what) in [
+            (fifo.clone(), "is a FIFO"),
+            (by_fd(pipe_read.as_raw_fd()), "is a FIFO"),
+            (by_fd(sock.as_raw_fd()), "is a socket"),
+            (dir.path().to_path_buf(), "is a directory"),
+            (PathBuf::from("/dev/null"), "is a character device"),
+        ] {
+            let err = open_image_file(&path).unwrap_err().to_string();
+            assert!(err.contains(what), "{}: {err}", path.display());
+            assert!(err.contains("regular file or a block device"), "{err}");
+        }
     }
 }

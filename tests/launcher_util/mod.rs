@@ -210,6 +210,15 @@ impl Launcher {
         out.write_all(format!("{message}\n").as_bytes()).unwrap();
     }
 
+    /// Another handle on the launcher's sending end, for a writer thread.
+    pub fn output_clone(&self) -> UnixStream {
+        self.output
+            .as_ref()
+            .expect("stream closed")
+            .try_clone()
+            .unwrap()
+    }
+
     /// Close the launcher's end (end of file for the server).
     pub fn close(&mut self) {
         self.output = None;

@@ -21,24 +21,17 @@ use crate::common::tree_compare::{compare_trees, CompareOptions};
 /// The sifuse binary under test.
 pub const SIFUSE: &str = env!("CARGO_BIN_EXE_sifuse");
 
-/// Whether this machine can run mount tests (root and /dev/fuse). Without them the tests
-/// fail under CI=true and otherwise say loudly that they did not run.
-pub fn can_mount() -> bool {
+/// Stop a test that needs to mount (root and /dev/fuse) where it cannot, with the reason:
+/// a test that did not run must not be counted as passed.
+pub fn require_mount() {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let fuse = Path::new("/dev/fuse").exists();
-    if root && fuse {
-        return true;
-    }
-    let msg = format!(
-        "\n*** sifuse mount tests need root and /dev/fuse (root: {root}, /dev/fuse: {fuse}): \
-         NOT RUN ***\n"
+    assert!(
+        root && fuse,
+        "this test mounts: it needs root and /dev/fuse (root: {root}, /dev/fuse: {fuse}), so it \
+         did not run; run it as root (scripts/test.sh) on a machine with FUSE"
     );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg}");
-    }
-    eprintln!("{msg}");
-    false
 }
 
 /// A scratch directory under the cargo target directory.
