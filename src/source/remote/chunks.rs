@@ -911,9 +911,14 @@ impl ObjectChunks {
         };
         let file = File::from(fd);
         match self.verify_header(&file, index) {
-            Ok(chunk) => {
-                self.touch(&chunk.file);
-                Some(chunk)
+            Ok((present, sums, len)) => {
+                self.touch(&file);
+                Some(StoredChunk {
+                    file,
+                    present,
+                    sums,
+                    len,
+                })
             }
             Err(why) => {
                 self.drop_damaged(index, &file, &why);
@@ -937,7 +942,9 @@ impl ObjectChunks {
         }
     }
 
-    fn verify_header(&self, file: &File, index: u64) -> Result<StoredChunk, String> {
+    /// The pages `file` holds, their checksums and the chunk's length, if its header is
+    /// right for chunk `index` of this object.
+    fn verify_header(&self, file: &File, index: u64) -> Result<(PageSet, Vec<u64>, usize), String> {
         let len = self.meta.chunk_len(index);
         let st = fstat(file.as_fd()).map_err(|e| e.to_string())?;
         if st.st_uid != self.cache.uid {
@@ -972,12 +979,7 @@ impl ObjectChunks {
                 sums.push(u64::from_le_bytes(h[at..at + 8].try_into().expect("8")));
             }
         }
-        Ok(StoredChunk {
-            file: file.try_clone().map_err(|e| e.to_string())?,
-            present,
-            sums,
-            len,
-        })
+        Ok((present, sums, len))
     }
 
     fn touch(&self, file: &File) {
