@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(sif superblock_tables inode_dir archive)
+[ ${#targets[@]} -gt 0 ] || targets=(sif superblock_tables inode_dir archive dir_paging xattr_lookup)
 
 tiny=(fixtures/tiny/tiny-raw.sqfs fixtures/tiny/tiny-gzip.sqfs fixtures/tiny/tiny-zstd-nofrag.sqfs)
 small_sif=fuzz/target/seed-tiny.sif
@@ -29,7 +29,7 @@ for t in "${targets[@]}"; do
         superblock_tables)
             cp "${tiny[@]}" "$c/"
             ;;
-        archive)
+        archive | dir_paging | xattr_lookup)
             cp "${tiny[@]}" fixtures/demo.sif "$small_sif" "$c/"
             ;;
         inode_dir)

@@ -26,6 +26,16 @@ declare -A need=(
   [losetup]=mount
   [find]=findutils
   [python3]=python3
+  # Servers of the remote-image tests (tests/remote_util).
+  [nginx]=nginx-light
+  [docker-registry]=docker-registry
+  [openssl]=openssl
+  # The package test (tests/package.rs).
+  [rpmbuild]=rpm
+  [rpm]=rpm
+  [objcopy]=binutils
+  [readelf]=binutils
+  [dpkg-deb]=dpkg
 )
 missing=()
 for cmd in "${!need[@]}"; do
@@ -37,11 +47,33 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing $pkgs" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
+    # Debian 13 folded nginx-light into nginx.
+    if [[ " $pkgs " == *" nginx-light "* ]] && ! apt-cache show nginx-light >/dev/null 2>&1; then
+      pkgs=${pkgs/nginx-light/nginx}
+    fi
     apt-get install -y -qq $pkgs >/dev/null
   else
     echo "test.sh: missing packages: $pkgs (run as root, or: sudo apt-get install $pkgs)" >&2
     exit 1
   fi
+fi
+
+# The S3 server of the remote-image tests: moto from PyPI, in python3 if it can take it, else
+# in a venv of ours (a Debian python3 refuses pip installs), which the tests then use.
+moto_ok() { "$1" -c 'import moto.server, moto.core.authorization, boto3, flask' >/dev/null 2>&1; }
+if ! moto_ok python3 && ! moto_ok target/moto-venv/bin/python3; then
+  echo "test.sh: installing moto[server] (PyPI)" >&2
+  if ! python3 -m pip install --quiet 'moto[server]>=5,<6' >/dev/null 2>&1 || ! moto_ok python3; then
+    if ! python3 -m venv --help >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    fi
+    python3 -m venv target/moto-venv
+    target/moto-venv/bin/python3 -m pip install --quiet 'moto[server]>=5,<6'
+  fi
+fi
+if ! moto_ok python3 && moto_ok target/moto-venv/bin/python3; then
+  SIFUSE_TEST_PYTHON="$PWD/target/moto-venv/bin/python3"
+  export SIFUSE_TEST_PYTHON
 fi
 
 if [ "$(id -u)" != 0 ] || [ ! -c /dev/fuse ]; then

@@ -23,6 +23,16 @@ pub enum Compressor {
 }
 
 impl Compressor {
+    /// Every compressor this build decodes, by SquashFS id (all six are always built in).
+    pub const ALL: [Compressor; 6] = [
+        Compressor::Gzip,
+        Compressor::Lzma,
+        Compressor::Lzo,
+        Compressor::Xz,
+        Compressor::Lz4,
+        Compressor::Zstd,
+    ];
+
     /// The compressor with SquashFS id `id`.
     pub fn from_id(id: u16) -> Option<Self> {
         Some(match id {
@@ -294,6 +304,13 @@ mod tests {
         (0..20_000u32)
             .flat_map(|i| (i % 251).to_le_bytes())
             .collect()
+    }
+
+    /// ALL (which `sifuse --version` lists) is exactly what from_id decodes, in id order.
+    #[test]
+    fn all_lists_every_known_id() {
+        let known: Vec<Compressor> = (0..=u16::MAX).filter_map(Compressor::from_id).collect();
+        assert_eq!(known, Compressor::ALL);
     }
 
     #[test]

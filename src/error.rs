@@ -45,6 +45,11 @@ pub enum Error {
         detail: String,
     },
 
+    /// An inode's extended attributes exceed what one request may read or the kernel could
+    /// pass on.
+    #[error("{0}")]
+    XattrsTooLarge(String),
+
     /// A path inside the image does not exist.
     #[error("{0}: no such file or directory in the image")]
     NotFound(String),
@@ -69,6 +74,7 @@ impl Error {
             Error::NotFound(_) => libc::ENOENT,
             Error::NotADirectory(_) => libc::ENOTDIR,
             Error::NotAFile(_) => libc::EISDIR,
+            Error::XattrsTooLarge(_) => libc::E2BIG,
             Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             _ => libc::EIO,
         }

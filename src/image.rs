@@ -10,7 +10,9 @@ use crate::archive::superblock::{Superblock, SUPERBLOCK_LEN};
 use crate::archive::Archive;
 use crate::error::{Error, Result};
 use crate::sif::{self, Descriptor, SifImage};
-use crate::source::remote::{CacheSettings, ObjectStore, RemoteConfig, RemoteSource};
+use crate::source::remote::{
+    self as remote, CacheSettings, ObjectStore, RemoteConfig, RemoteSource, StoreConfig,
+};
 use crate::source::{open_image_file, FileWindow, ReadAt, Window};
 
 /// Which image to use, and where it is.
@@ -24,6 +26,9 @@ pub struct ImageSpec {
     pub partition: Option<String>,
     /// For a URL: the chunk cache.
     pub cache: CacheSettings,
+    /// For a URL: how to talk to the store (timeouts, credentials); `None`: the defaults,
+    /// with credentials from the environment.
+    pub store: Option<StoreConfig>,
 }
 
 impl ImageSpec {
@@ -40,18 +45,10 @@ impl ImageSpec {
     }
 }
 
-/// The schemes of remote images.
-pub const REMOTE_SCHEMES: [&str; 4] = ["http", "https", "s3", "oras"];
-
-/// `path` as a URL, if it is one: `SCHEME://…` with a scheme of [`REMOTE_SCHEMES`]. A local
-/// file whose name looks like that is reached as `./NAME`.
+/// `path` as a URL, if it names a remote image (`http://`, `https://`, `s3://`,
+/// `oras://`). A local file whose name looks like that is reached as `./NAME`.
 pub fn remote_url(path: &Path) -> Option<&str> {
-    let s = path.to_str()?;
-    let (scheme, _) = s.split_once("://")?;
-    REMOTE_SCHEMES
-        .iter()
-        .any(|k| k.eq_ignore_ascii_case(scheme))
-        .then_some(s)
+    path.to_str().filter(|s| remote::is_remote(s))
 }
 
 /// Where the served SquashFS bytes were found.
@@ -116,14 +113,14 @@ pub fn open_whole(spec: &ImageSpec) -> Result<Whole> {
     })
 }
 
-/// The store of the remote object `spec` names.
+/// The store of the remote object `spec` names (nothing is sent yet).
 pub fn open_store(spec: &ImageSpec) -> Result<Arc<dyn ObjectStore>> {
-    Err(Error::Open {
-        path: spec.path.display().to_string(),
-        source: std::io::Error::other(
-            "this build cannot read remote images yet (the HTTP, S3 and OCI stores are not in it)",
-        ),
-    })
+    let url = spec.url().unwrap_or_default();
+    let config = match &spec.store {
+        Some(c) => c.clone(),
+        None => StoreConfig::from_process_env(),
+    };
+    remote::open_store(url, &config).map_err(|e| open_err(&remote::url::redact_url(url), e.into()))
 }
 
 /// A remote object as a whole image source: its version asked once, its chunks read

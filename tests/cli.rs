@@ -191,3 +191,48 @@ fn extract_via_cli_to_a_new_directory() {
     ]));
     assert!(e.contains("non-empty"), "{e}");
 }
+
+/// `sifuse --version`: the version, the commit HEAD was at when it was built (this tree is
+/// a checkout wherever the tests run from one; otherwise the commit is "unknown" unless a
+/// packager named it), and the compressors; `-V` the version alone.
+#[test]
+fn version_names_commit_and_compressors() {
+    let long = ok(&sifuse(&["--version"]));
+    let recorded = env!("SIFUSE_GIT_COMMIT");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_string())
+    };
+    let checkout = git(&["rev-parse", "--show-toplevel"])
+        .is_some_and(|top| Path::new(&top).canonicalize().unwrap() == dir.canonicalize().unwrap());
+    let commit = if checkout && std::env::var_os("SIFUSE_GIT_COMMIT").is_none() {
+        let mut head = git(&["rev-parse", "HEAD"]).expect("git rev-parse HEAD");
+        head.truncate(12);
+        assert_eq!(
+            recorded, head,
+            "the binary names another commit than HEAD: build.rs did not run again when \
+             HEAD moved (or HEAD moved after this build)"
+        );
+        head
+    } else if recorded.is_empty() {
+        "unknown (not built from a git checkout)".to_string()
+    } else {
+        recorded.to_string()
+    };
+    assert_eq!(
+        long,
+        format!(
+            "sifuse {}\ncommit: {commit}\ncompressors: gzip lzma lzo xz lz4 zstd\n",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    let short = ok(&sifuse(&["-V"]));
+    assert_eq!(short, format!("sifuse {}\n", env!("CARGO_PKG_VERSION")));
+}

@@ -1155,8 +1155,10 @@ fn crafted_shared_listing_is_refused() {
     assert_refused(img, "appears twice");
 }
 
-/// A file whose size asks for more blocks than any real file has: refused before its
-/// block list is read, instead of growing a list from whatever metadata follows.
+/// A file whose size asks for more blocks than any real file has: it stats as the kernel
+/// shows it (nothing of its block list is read for that), a read past the blocks sifuse
+/// reads is refused before any list is decoded, and reading it from the start fails on the
+/// metadata that follows its real list instead of growing a list from it.
 #[test]
 fn crafted_huge_file_is_refused() {
     let mut img = tiny_raw();
@@ -1170,11 +1172,15 @@ fn crafted_huge_file_is_refused() {
     );
     img[at + 24..at + 32].copy_from_slice(&(1u64 << 50).to_le_bytes());
     let b = open_bytes(&img).unwrap();
-    match b.resolve(b"/dir/numbers") {
-        Ok(i) => panic!("a file of {} bytes was accepted", i.size()),
-        Err(e) => assert!(e.to_string().contains("at most"), "{e}"),
+    let huge = b.resolve(b"/dir/numbers").unwrap();
+    assert_eq!(huge.size(), 1 << 50);
+    let f = huge.as_file().unwrap();
+    let far = sifuse::archive::inode::MAX_FILE_BLOCKS * 4096;
+    match b.read_file_at(f, far, &mut [0u8; 16]) {
+        Ok(n) => panic!("read {n} bytes at byte {far}"),
+        Err(e) => assert!(e.to_string().contains("first"), "{e}"),
     }
-    assert_refused(img, "at most");
+    assert_refused(img, "block");
 }
 
 /// An xattr id entry claiming 2^29 attributes: the reader must not reserve for them.

@@ -168,3 +168,104 @@ pub fn spliced_image(data: &[u8]) -> Option<Vec<u8>> {
     image[start..start + n].copy_from_slice(&rest[..n]);
     Some(image)
 }
+
+/// Page through every directory the way the mount's readdir does, in pages of several
+/// sizes, and check the pages against the whole listing; resume a fresh archive at a
+/// reported position and check it continues there.
+pub fn page_directories(bytes: &[u8]) {
+    let Some(a) = open(bytes.to_vec()) else {
+        return;
+    };
+    let mut entries = 0usize;
+    let _ = walk(&a, a.root(), b"", &mut |ev| {
+        entries += 1;
+        if entries > MAX_ENTRIES {
+            return Err(sifuse::Error::Corrupt("entry budget".into()));
+        }
+        let Event::EnterDir { inode, .. } = ev else {
+            return Ok(());
+        };
+        let whole = a.read_dir(inode).ok();
+        for page in [1usize, 7, 100] {
+            let mut names: Vec<Vec<u8>> = Vec::new();
+            let mut positions = Vec::new();
+            let mut from = 0u64;
+            let complete = loop {
+                let mut taken = 0;
+                let mut last = from;
+                let r = a.list_from(inode, from, |e, after| {
+                    if taken == page || names.len() >= MAX_ENTRIES {
+                        return false;
+                    }
+                    assert!(after > last, "positions must grow: {after} after {last}");
+                    names.push(e.name.to_vec());
+                    positions.push(after);
+                    taken += 1;
+                    last = after;
+                    true
+                });
+                if r.is_err() || names.len() >= MAX_ENTRIES {
+                    break false;
+                }
+                if taken == 0 {
+                    break true;
+                }
+                from = last;
+            };
+            if let (true, Some(whole)) = (complete, &whole) {
+                let expected: Vec<&[u8]> = whole.iter().map(|e| e.name.as_slice()).collect();
+                let got: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+                assert_eq!(got, expected, "pages of {page} differ from the whole listing");
+            }
+            // A fresh reader resumes at a reported position without the remembered seek.
+            if let Some(i) = positions.len().checked_sub(2).map(|i| i / 2) {
+                if let Some(fresh) = open(bytes.to_vec()) {
+                    if let Ok(dir) = fresh.inode(inode.iref) {
+                        let mut next = None;
+                        let r = fresh.list_from(&dir, positions[i], |e, _| {
+                            next = Some(e.name.to_vec());
+                            false
+                        });
+                        if r.is_ok() && next.is_some() {
+                            assert_eq!(next.as_deref(), Some(names[i + 1].as_slice()));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Every inode's xattrs the way the mount asks for them: the list of names, then each
+/// value by name, which must match the whole set when that is readable, and a name that
+/// is not there.
+pub fn look_up_xattrs(bytes: &[u8]) {
+    let Some(a) = open(bytes.to_vec()) else {
+        return;
+    };
+    let mut entries = 0usize;
+    let _ = walk(&a, a.root(), b"", &mut |ev| {
+        entries += 1;
+        if entries > MAX_ENTRIES {
+            return Err(sifuse::Error::Corrupt("entry budget".into()));
+        }
+        let inode = match ev {
+            Event::EnterDir { inode, .. } | Event::Entry { inode, .. } => inode,
+            Event::LeaveDir { .. } => return Ok(()),
+        };
+        let whole = a.xattrs(inode).ok();
+        if let Ok(names) = a.xattr_names(inode, |_| true) {
+            assert!(names.len() <= sifuse::archive::xattr::MAX_XATTR_LIST);
+            for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()).take(64) {
+                let value = a.xattr_value(inode, name);
+                if let (Ok(v), Some(whole)) = (&value, &whole) {
+                    let first = whole.iter().find(|x| x.name == name).map(|x| &x.value);
+                    assert_eq!(v.as_ref(), first, "value of {:?}", String::from_utf8_lossy(name));
+                }
+            }
+        }
+        let _ = a.xattr_value(inode, b"user.\xffno-such-name");
+        Ok(())
+    });
+}

@@ -4,19 +4,18 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use crate::cache::{Block, BlockKey, BlockKind};
+use crate::cache::{Block, BlockKind};
 use crate::error::{Error, Result};
 
-use super::inode::FileInfo;
+use super::blocks::STORED;
+use super::cached::{CacheKey, Cached};
+use super::inode::{FileInfo, Inode, InodeRef};
 use super::Archive;
 
 thread_local! {
     /// Compressed bytes of the block being decompressed on this thread.
     static RAW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
-
-/// Bit of a block size word that marks data stored uncompressed.
-pub(crate) const STORED: u32 = 1 << 24;
 
 /// One block of file data: a cached decompressed block (or a slice of a fragment), or
 /// zeros for a sparse block.
@@ -73,16 +72,16 @@ impl Archive {
             .filter(|&s| s < file.file_size)
             .ok_or_else(|| Error::corrupt(format!("file block {index} requested past the end")))?;
         let expected = (file.file_size - start).min(bs) as usize;
-        if let Some(&word) = file.block_sizes.get(index as usize) {
-            let disk_len = word & !STORED;
-            if disk_len == 0 {
+        if index < file.block_count {
+            let at = self.block_location(file, index)?;
+            if at.disk_len() == 0 {
                 return Ok(BlockData::Zeros(expected));
             }
-            let pos = file.block_offsets[index as usize];
-            let block = self.data_block(BlockKind::Data, pos, word, expected)?;
+            let block = self.data_block(BlockKind::Data, at.offset, at.word, expected)?;
             if block.data.len() != expected {
                 return Err(Error::corrupt(format!(
-                    "data block at byte {pos} holds {} bytes, expected {expected}",
+                    "data block at byte {} holds {} bytes, expected {expected}",
+                    at.offset,
                     block.data.len()
                 )));
             }
@@ -94,7 +93,7 @@ impl Archive {
         }
         let frag = file
             .fragment
-            .filter(|_| index as usize == file.block_sizes.len())
+            .filter(|_| index == file.block_count)
             .ok_or_else(|| Error::corrupt("file has fewer blocks than its size needs"))?;
         let (pos, word) = self.fragment_entry(frag.index)?;
         let block = self.data_block(BlockKind::Fragment, pos, word, self.sb.block_size as usize)?;
@@ -134,9 +133,13 @@ impl Archive {
         word: u32,
         max: usize,
     ) -> Result<Arc<Block>> {
-        let key = BlockKey { kind, offset: pos };
+        let key = CacheKey::Block { kind, offset: pos };
         self.cache
-            .get_or_load(key, || self.load_data_block(pos, word, max))
+            .get_or_load(&key, || {
+                self.load_data_block(pos, word, max)
+                    .map(|b| Cached::Block(Arc::new(b)))
+            })?
+            .into_block()
     }
 
     /// Read and decompress one data block (no cache). Used by read-ahead too.
@@ -208,5 +211,100 @@ impl Archive {
             done += n;
         }
         Ok(done)
+    }
+}
+
+/// The bytes of one read request: a range of one cached block when the request lies inside
+/// one block (the kernel reads whole aligned blocks, and a small file is one fragment
+/// slice), so nothing is copied; otherwise assembled in a buffer the caller keeps.
+pub enum FileBytes<'a> {
+    InBlock(BlockData, std::ops::Range<usize>),
+    Assembled(&'a [u8]),
+}
+
+impl FileBytes<'_> {
+    /// The bytes read.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            FileBytes::InBlock(block, range) => &block.bytes().unwrap_or_default()[range.clone()],
+            FileBytes::Assembled(v) => v,
+        }
+    }
+}
+
+/// Inodes looked at past a file for others in its fragment block, at most.
+const NEIGHBOURS_SCANNED: usize = 512;
+/// Inodes in a row outside the fragment block after which the scan stops.
+const NEIGHBOURS_MISSED: usize = 32;
+
+impl Archive {
+    /// Up to `size` bytes of `file` at `offset`, for a reply: see [`FileBytes`]. `assembly`
+    /// is reused across calls, so a reader of large requests does not map fresh memory for
+    /// each.
+    pub fn read_range<'a>(
+        &self,
+        file: &FileInfo,
+        offset: u64,
+        size: usize,
+        assembly: &'a mut Vec<u8>,
+    ) -> Result<FileBytes<'a>> {
+        let want = (size as u64).min(file.file_size.saturating_sub(offset)) as usize;
+        let bs = u64::from(self.sb.block_size);
+        let within = (offset % bs) as usize;
+        if want > 0 && within + want <= bs as usize {
+            let block = self.file_block(file, offset / bs)?;
+            if block.bytes().is_some() {
+                return Ok(FileBytes::InBlock(block, within..within + want));
+            }
+        }
+        assembly.clear();
+        assembly.resize(want, 0);
+        let n = self.read_file_at(file, offset, assembly)?;
+        Ok(FileBytes::Assembled(&assembly[..n]))
+    }
+
+    /// Whether `file` lies wholly in a fragment block (no block of its own), and which.
+    pub fn whole_in_fragment(file: &FileInfo) -> Option<u32> {
+        file.fragment
+            .filter(|_| file.block_count == 0 && file.file_size > 0)
+            .map(|f| f.index)
+    }
+
+    /// The files that follow the inode `after` in the inode table and lie wholly in
+    /// fragment block `fragment`, with their bytes, while `visit` answers true. mksquashfs
+    /// writes a directory's inodes together and packs its small files into fragments in
+    /// the same order, so these are mostly the file's neighbours in its directory. The scan
+    /// is bounded: it stops after a run of inodes outside the block, or a fixed count.
+    pub fn files_in_fragment_after(
+        &self,
+        after: InodeRef,
+        fragment: u32,
+        mut visit: impl FnMut(&Inode, &[u8]) -> bool,
+    ) -> Result<()> {
+        let (_, mut next) = self.inode_and_next(after)?;
+        let mut missed = 0;
+        for _ in 0..NEIGHBOURS_SCANNED {
+            let Some(iref) = next else { break };
+            let (inode, following) = self.inode_and_next(iref)?;
+            next = following;
+            let file = inode
+                .as_file()
+                .filter(|f| Self::whole_in_fragment(f) == Some(fragment));
+            let Some(file) = file else {
+                missed += 1;
+                if missed >= NEIGHBOURS_MISSED {
+                    break;
+                }
+                continue;
+            };
+            missed = 0;
+            let block = self.file_block(file, 0)?;
+            if let Some(bytes) = block.bytes() {
+                if !visit(&inode, bytes) {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -1,10 +1,11 @@
-//! Inodes: the 14 SquashFS inode types, decoded into one [`Inode`].
-
-use std::sync::Arc;
+//! Inodes: the 14 SquashFS inode types, decoded into one [`Inode`]. A regular file's block
+//! list is not decoded with it: the inode records where the list is, and reads decode the
+//! part they need (see [`blocks`](super::blocks)), so an inode costs the same to decode and
+//! to keep whatever size its file claims.
 
 use crate::error::{Error, Result};
 
-use super::metadata::{MetaPos, MetadataReader};
+use super::metadata::{Fields, MetaPos, MetadataReader};
 use super::Archive;
 
 /// A reference to an inode: (metadata block offset relative to the inode table) << 16 |
@@ -111,10 +112,11 @@ pub struct FileInfo {
     /// Bytes saved by sparse blocks (extended inodes); 0 otherwise.
     pub sparse: u64,
     pub fragment: Option<FragmentRef>,
-    /// Stored size word of every full (or non-fragment tail) block.
-    pub block_sizes: Arc<[u32]>,
-    /// Image offset of every block: O(1) lookup of block i instead of summing sizes.
-    pub block_offsets: Arc<[u64]>,
+    /// Blocks stored in the data area (every full block, and the tail of a file without a
+    /// fragment): the length of the block list.
+    pub block_count: u64,
+    /// Where the block list starts: right after the inode, in the inode table.
+    pub list: MetaPos,
 }
 
 /// What a specific inode type carries.
@@ -146,11 +148,12 @@ pub struct Inode {
 
 /// Longest symlink target the kernel accepts (it refuses more than a page).
 pub const MAX_SYMLINK: u32 = 4096;
-/// Most blocks one regular file may have: 16 GiB at 4 KiB blocks, 512 GiB at 128 KiB,
-/// 4 TiB at 1 MiB. The decoded block list costs 12 bytes a block, and a hostile image can
-/// describe a list far longer than itself (zero words for sparse blocks compress to
-/// nothing), so its length needs a fixed ceiling.
-pub const MAX_FILE_BLOCKS: u64 = 1 << 22;
+/// Most blocks of a file sifuse reads: 64 GiB at 4 KiB blocks, 2 TiB at 128 KiB, 16 TiB at
+/// 1 MiB. Finding block i decodes the list up to it (once; the runs are cached), and a
+/// hostile image can describe a list far longer than itself (zero words for sparse blocks
+/// compress to nothing), so the position a read may reach needs a ceiling that bounds the
+/// work of one read: 64 MiB of list. Larger files still stat as the kernel shows them.
+pub const MAX_FILE_BLOCKS: u64 = 1 << 24;
 const NO_INDEX: u32 = u32::MAX;
 
 impl Inode {
@@ -223,6 +226,49 @@ impl Inode {
 impl Archive {
     /// Decode the inode at `iref`.
     pub fn inode(&self, iref: InodeRef) -> Result<Inode> {
+        let mut r = self.inode_reader(iref)?;
+        self.decode_inode(iref, &mut r)
+    }
+
+    /// Decode the inode at `iref`, and find where the next inode of the table starts
+    /// (after its block list or directory index). Inodes are written in directory order,
+    /// so the ones that follow a file are mostly its neighbours.
+    pub fn inode_and_next(&self, iref: InodeRef) -> Result<(Inode, Option<InodeRef>)> {
+        let mut r = self.inode_reader(iref)?;
+        let inode = self.decode_inode(iref, &mut r)?;
+        match &inode.body {
+            InodeBody::File(f) => r.skip(f.block_count * 4)?,
+            InodeBody::Directory(d) => {
+                for _ in 0..d.index_count {
+                    let header: [u8; 12] = r.array()?;
+                    let len = Fields(&header).u32(8) as u64 + 1;
+                    if len > super::dir::MAX_NAME as u64 {
+                        return Err(Error::corrupt(format!(
+                            "directory index name of {len} bytes"
+                        )));
+                    }
+                    r.skip(len)?;
+                }
+            }
+            _ => {}
+        }
+        let end = r.position();
+        if end.block >= self.sb.directory_table {
+            return Ok((inode, None));
+        }
+        // The end of a block is the start of the next: references point at the next.
+        let next = match r.next_position() {
+            Ok(p) => p,
+            Err(_) => return Ok((inode, None)),
+        };
+        if next.block >= self.sb.directory_table {
+            return Ok((inode, None));
+        }
+        let block = next.block - self.sb.inode_table;
+        Ok((inode, Some(InodeRef(block << 16 | next.offset as u64))))
+    }
+
+    fn inode_reader(&self, iref: InodeRef) -> Result<MetadataReader<'_>> {
         if iref.0 > InodeRef::MAX || iref.offset() >= super::metadata::METADATA_SIZE {
             return Err(Error::corrupt(format!(
                 "inode reference {:#x} is invalid",
@@ -240,23 +286,28 @@ impl Archive {
                     iref.0
                 ))
             })?;
-        let mut r = MetadataReader::new(
+        Ok(MetadataReader::new(
             self,
             MetaPos {
                 block,
                 offset: iref.offset(),
             },
-        );
-        let inode_type = r.u16()?;
+        ))
+    }
+
+    fn decode_inode(&self, iref: InodeRef, r: &mut MetadataReader<'_>) -> Result<Inode> {
+        // The header every type shares: type, mode, uid and gid indexes, mtime, number.
+        let head: [u8; 16] = r.array()?;
+        let head = Fields(&head);
+        let inode_type = head.u16(0);
         let kind = FileKind::from_type(inode_type).ok_or_else(|| {
             Error::corrupt(format!("inode {:#x} has unknown type {inode_type}", iref.0))
         })?;
         let extended = inode_type >= 8;
-        let permissions = r.u16()? & 0o7777;
-        let uid_index = r.u16()?;
-        let gid_index = r.u16()?;
-        let mtime = r.u32()?;
-        let number = r.u32()?;
+        let permissions = head.u16(2) & 0o7777;
+        let (uid_index, gid_index) = (head.u16(4), head.u16(6));
+        let mtime = head.u32(8);
+        let number = head.u32(12);
         if number == 0 || number > self.sb.inode_count {
             return Err(Error::corrupt(format!(
                 "inode {:#x} has number {number}, outside 1..={}",
@@ -266,78 +317,64 @@ impl Archive {
         let mut xattr = NO_INDEX;
         let (nlink, body) = match (kind, extended) {
             (FileKind::Directory, false) => {
-                let start_block = r.u32()?;
-                let nlink = r.u32()?;
-                let file_size = r.u16()? as u32;
-                let offset = r.u16()?;
-                let parent = r.u32()?;
+                let b: [u8; 16] = r.array()?;
+                let f = Fields(&b);
                 (
-                    nlink,
+                    f.u32(4),
                     InodeBody::Directory(DirInfo {
-                        start_block,
-                        offset,
-                        file_size,
-                        parent,
+                        start_block: f.u32(0),
+                        offset: f.u16(10),
+                        file_size: u32::from(f.u16(8)),
+                        parent: f.u32(12),
                         index_count: 0,
                         index_pos: None,
                     }),
                 )
             }
             (FileKind::Directory, true) => {
-                let nlink = r.u32()?;
-                let file_size = r.u32()?;
-                let start_block = r.u32()?;
-                let parent = r.u32()?;
-                let index_count = r.u16()?;
-                let offset = r.u16()?;
-                xattr = r.u32()?;
-                let index_pos = Some(r.position());
+                let b: [u8; 24] = r.array()?;
+                let f = Fields(&b);
+                xattr = f.u32(20);
                 (
-                    nlink,
+                    f.u32(0),
                     InodeBody::Directory(DirInfo {
-                        start_block,
-                        offset,
-                        file_size,
-                        parent,
-                        index_count,
-                        index_pos,
+                        start_block: f.u32(8),
+                        offset: f.u16(18),
+                        file_size: f.u32(4),
+                        parent: f.u32(12),
+                        index_count: f.u16(16),
+                        index_pos: Some(r.position()),
                     }),
                 )
             }
             (FileKind::File, false) => {
-                let blocks_start = r.u32()? as u64;
-                let frag = r.u32()?;
-                let frag_offset = r.u32()?;
-                let file_size = r.u32()? as u64;
-                let f = self.read_block_list(
-                    &mut r,
+                let b: [u8; 16] = r.array()?;
+                let f = Fields(&b);
+                let file = self.file_info(
                     iref,
-                    blocks_start,
-                    file_size,
+                    u64::from(f.u32(0)),
+                    u64::from(f.u32(12)),
                     0,
-                    frag,
-                    frag_offset,
+                    f.u32(4),
+                    f.u32(8),
+                    r.position(),
                 )?;
-                (1, InodeBody::File(f))
+                (1, InodeBody::File(file))
             }
             (FileKind::File, true) => {
-                let blocks_start = r.u64()?;
-                let file_size = r.u64()?;
-                let sparse = r.u64()?;
-                let nlink = r.u32()?;
-                let frag = r.u32()?;
-                let frag_offset = r.u32()?;
-                xattr = r.u32()?;
-                let f = self.read_block_list(
-                    &mut r,
+                let b: [u8; 40] = r.array()?;
+                let f = Fields(&b);
+                xattr = f.u32(36);
+                let file = self.file_info(
                     iref,
-                    blocks_start,
-                    file_size,
-                    sparse,
-                    frag,
-                    frag_offset,
+                    f.u64(0),
+                    f.u64(8),
+                    f.u64(16),
+                    f.u32(28),
+                    f.u32(32),
+                    r.position(),
                 )?;
-                (nlink, InodeBody::File(f))
+                (f.u32(24), InodeBody::File(file))
             }
             (FileKind::Symlink, ext) => {
                 let nlink = r.u32()?;
@@ -386,34 +423,28 @@ impl Archive {
         })
     }
 
+    /// A regular file's data layout, checked as far as it can be without its block list.
     #[allow(clippy::too_many_arguments)]
-    fn read_block_list(
+    fn file_info(
         &self,
-        r: &mut MetadataReader<'_>,
         iref: InodeRef,
         blocks_start: u64,
         file_size: u64,
         sparse: u64,
         frag: u32,
         frag_offset: u32,
+        list: MetaPos,
     ) -> Result<FileInfo> {
         let bs = self.sb.block_size as u64;
         let fragment = (frag != NO_INDEX).then_some(FragmentRef {
             index: frag,
             offset: frag_offset,
         });
-        let count = if fragment.is_some() {
+        let block_count = if fragment.is_some() {
             file_size / bs
         } else {
             file_size.div_ceil(bs)
         };
-        if count > MAX_FILE_BLOCKS {
-            return Err(Error::Unsupported(format!(
-                "inode {:#x} is a file of {file_size} bytes in {count} blocks; sifuse reads \
-                 files of at most {MAX_FILE_BLOCKS} blocks",
-                iref.0
-            )));
-        }
         if let Some(f) = fragment {
             if f.index >= self.sb.fragment_count {
                 return Err(Error::corrupt(format!(
@@ -428,51 +459,31 @@ impl Archive {
                 )));
             }
         }
-        // The block list lives in the inode table, so a real count is bounded by it; grow
-        // the vectors as entries are actually read rather than trusting `count`.
-        let mut sizes = Vec::with_capacity(count.min(1 << 16) as usize);
-        let mut offsets = Vec::with_capacity(count.min(1 << 16) as usize);
-        let mut pos = blocks_start;
-        let mut raw = [0u8; 4 * 256];
-        let mut left = count;
-        while left > 0 {
-            let n = left.min(256) as usize;
-            r.read(&mut raw[..4 * n])?;
-            for c in raw[..4 * n].chunks_exact(4) {
-                let word = u32::from_le_bytes(c.try_into().expect("4 bytes"));
-                let on_disk = (word & 0x00ff_ffff) as u64;
-                if word >> 25 != 0 || on_disk > bs {
-                    return Err(Error::corrupt(format!(
-                        "inode {:#x} has an impossible block size word {word:#x}",
-                        iref.0
-                    )));
-                }
-                offsets.push(pos);
-                sizes.push(word);
-                pos = pos
-                    .checked_add(on_disk)
-                    .filter(|&p| p <= self.sb.bytes_used)
-                    .ok_or_else(|| {
-                        Error::corrupt(format!(
-                            "data of inode {:#x} runs past the end of the image",
-                            iref.0
-                        ))
-                    })?;
-            }
-            left -= n as u64;
-        }
         Ok(FileInfo {
             blocks_start,
             file_size,
             sparse,
             fragment,
-            block_sizes: sizes.into(),
-            block_offsets: offsets.into(),
+            block_count,
+            list,
         })
     }
 
     /// The uid or gid stored at `index` in the id table.
     pub fn id(&self, index: u16) -> Result<u32> {
+        let loaded = self.ids_loaded.get_or_init(|| {
+            (0..self.ids.len())
+                .map(|i| {
+                    let mut b = [0u8; 4];
+                    self.ids.read_entry(self, i, &mut b)?;
+                    Ok(u32::from_le_bytes(b))
+                })
+                .collect::<Result<Box<[u32]>>>()
+                .ok()
+        });
+        if let Some(id) = loaded.as_ref().and_then(|ids| ids.get(index as usize)) {
+            return Ok(*id);
+        }
         let mut b = [0u8; 4];
         self.ids.read_entry(self, index as u64, &mut b)?;
         Ok(u32::from_le_bytes(b))

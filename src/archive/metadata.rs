@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use crate::cache::{Block, BlockKey, BlockKind};
+use crate::cache::{Block, BlockKind};
 use crate::error::{Error, Result};
 
+use super::cached::{CacheKey, Cached};
 use super::Archive;
 
 /// Largest decompressed metadata block.
@@ -15,12 +16,16 @@ pub const METADATA_SIZE: usize = 8192;
 impl Archive {
     /// The decompressed metadata block that starts at `pos` (a byte offset in the image).
     pub(crate) fn metadata_block(&self, pos: u64) -> Result<Arc<Block>> {
-        let key = BlockKey {
+        let key = CacheKey::Block {
             kind: BlockKind::Metadata,
             offset: pos,
         };
         self.cache
-            .get_or_load(key, || self.load_metadata_block(pos))
+            .get_or_load(&key, || {
+                self.load_metadata_block(pos)
+                    .map(|b| Cached::Block(Arc::new(b)))
+            })?
+            .into_block()
     }
 
     fn load_metadata_block(&self, pos: u64) -> Result<Block> {
@@ -32,8 +37,9 @@ impl Archive {
         }
         // One read for header and body: the body is at most 8 KiB.
         let want = (end_of_image - pos).min(2 + METADATA_SIZE as u64) as usize;
-        let mut buf = vec![0u8; want];
-        self.read_at(&mut buf, pos)?;
+        let mut buf = [0u8; 2 + METADATA_SIZE];
+        let buf = &mut buf[..want];
+        self.read_at(buf, pos)?;
         let header = u16::from_le_bytes([buf[0], buf[1]]);
         let stored_uncompressed = header & 0x8000 != 0;
         let size = (header & 0x7fff) as usize;
@@ -65,6 +71,7 @@ impl Archive {
                     "metadata block at byte {pos} is empty"
                 )));
             }
+            out.shrink_to_fit();
             out
         };
         Ok(Block {
@@ -82,97 +89,150 @@ pub struct MetaPos {
     pub offset: usize,
 }
 
-/// Reads a byte stream across chained metadata blocks.
+/// Reads a byte stream across chained metadata blocks. It holds the block it is in, so
+/// reading a field is a bounds check and a copy, not a cache look-up.
 pub struct MetadataReader<'a> {
     archive: &'a Archive,
-    pos: MetaPos,
+    /// Image offset of the block the position is in.
+    block_pos: u64,
+    /// That block, once loaded.
     block: Option<Arc<Block>>,
+    /// Offset of the next byte inside the block's decompressed bytes.
+    offset: usize,
 }
 
 impl<'a> MetadataReader<'a> {
     pub fn new(archive: &'a Archive, pos: MetaPos) -> Self {
         MetadataReader {
             archive,
-            pos,
+            block_pos: pos.block,
             block: None,
+            offset: pos.offset,
         }
     }
 
     /// Where the next byte comes from.
     pub fn position(&self) -> MetaPos {
-        self.pos
+        MetaPos {
+            block: self.block_pos,
+            offset: self.offset,
+        }
     }
 
-    fn current(&mut self) -> Result<Arc<Block>> {
-        if let Some(b) = &self.block {
-            return Ok(b.clone());
-        }
-        let b = self.archive.metadata_block(self.pos.block)?;
-        if self.pos.offset > b.data.len() {
-            return Err(Error::corrupt(format!(
-                "offset {} inside the {}-byte metadata block at byte {}",
-                self.pos.offset,
-                b.data.len(),
-                self.pos.block
-            )));
-        }
-        self.block = Some(b.clone());
-        Ok(b)
+    /// Where the next byte comes from, moved to the start of the next block when this one
+    /// is used up (the form inode references take).
+    pub fn next_position(&mut self) -> Result<MetaPos> {
+        self.available()?;
+        Ok(self.position())
     }
 
-    /// Fill `out`, continuing into following blocks as needed. Blocks follow each other on
-    /// disk, so the stream only moves forward and cannot loop.
+    /// The unread bytes of the current block (at least one), loading blocks as needed.
+    /// Blocks follow each other on disk and each takes at least three bytes, so the stream
+    /// only moves forward and ends at the end of the image.
+    fn available(&mut self) -> Result<&[u8]> {
+        loop {
+            let block = match self.block.take() {
+                Some(b) => b,
+                None => {
+                    let b = self.archive.metadata_block(self.block_pos)?;
+                    if self.offset > b.data.len() {
+                        return Err(Error::corrupt(format!(
+                            "offset {} inside the {}-byte metadata block at byte {}",
+                            self.offset,
+                            b.data.len(),
+                            self.block_pos
+                        )));
+                    }
+                    b
+                }
+            };
+            if self.offset < block.data.len() {
+                let block = self.block.insert(block);
+                return Ok(&block.data[self.offset..]);
+            }
+            self.block_pos += u64::from(block.disk_len);
+            self.offset = 0;
+        }
+    }
+
+    /// Fill `out`, continuing into following blocks as needed.
+    #[inline]
     pub fn read(&mut self, out: &mut [u8]) -> Result<()> {
+        if let Some(block) = &self.block {
+            if let Some(src) = block.data.get(self.offset..self.offset + out.len()) {
+                out.copy_from_slice(src);
+                self.offset += out.len();
+                return Ok(());
+            }
+        }
+        self.read_across(out)
+    }
+
+    fn read_across(&mut self, out: &mut [u8]) -> Result<()> {
         let mut done = 0;
         while done < out.len() {
-            let block = self.current()?;
-            let avail = &block.data[self.pos.offset..];
-            if avail.is_empty() {
-                self.pos = MetaPos {
-                    block: self.pos.block + block.disk_len as u64,
-                    offset: 0,
-                };
-                self.block = None;
-                continue;
-            }
+            let avail = self.available()?;
             let n = avail.len().min(out.len() - done);
             out[done..done + n].copy_from_slice(&avail[..n]);
             done += n;
-            self.pos.offset += n;
+            self.offset += n;
         }
         Ok(())
     }
 
     /// Skip `n` bytes.
     pub fn skip(&mut self, mut n: u64) -> Result<()> {
-        let mut scratch = [0u8; 512];
         while n > 0 {
-            let k = n.min(scratch.len() as u64) as usize;
-            self.read(&mut scratch[..k])?;
-            n -= k as u64;
+            let avail = self.available()?.len() as u64;
+            let k = avail.min(n);
+            self.offset += k as usize;
+            n -= k;
         }
         Ok(())
     }
 
+    /// A fixed-size array of the next bytes.
+    #[inline]
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut b = [0u8; N];
+        self.read(&mut b)?;
+        Ok(b)
+    }
+
+    #[inline]
     pub fn u16(&mut self) -> Result<u16> {
-        let mut b = [0u8; 2];
-        self.read(&mut b)?;
-        Ok(u16::from_le_bytes(b))
+        Ok(u16::from_le_bytes(self.array()?))
     }
+    #[inline]
     pub fn u32(&mut self) -> Result<u32> {
-        let mut b = [0u8; 4];
-        self.read(&mut b)?;
-        Ok(u32::from_le_bytes(b))
+        Ok(u32::from_le_bytes(self.array()?))
     }
+    #[inline]
     pub fn u64(&mut self) -> Result<u64> {
-        let mut b = [0u8; 8];
-        self.read(&mut b)?;
-        Ok(u64::from_le_bytes(b))
+        Ok(u64::from_le_bytes(self.array()?))
     }
     /// `n` bytes; the caller has already bounded `n`.
     pub fn bytes(&mut self, n: usize) -> Result<Vec<u8>> {
         let mut v = vec![0u8; n];
         self.read(&mut v)?;
         Ok(v)
+    }
+}
+
+/// Little-endian fields of a fixed-size record read in one piece.
+pub(crate) struct Fields<'b>(pub &'b [u8]);
+
+impl Fields<'_> {
+    #[inline]
+    pub fn u16(&self, at: usize) -> u16 {
+        u16::from_le_bytes([self.0[at], self.0[at + 1]])
+    }
+    #[inline]
+    pub fn u32(&self, at: usize) -> u32 {
+        u32::from_le_bytes(self.0[at..at + 4].try_into().expect("4 bytes"))
+    }
+    #[inline]
+    pub fn u64(&self, at: usize) -> u64 {
+        u64::from_le_bytes(self.0[at..at + 8].try_into().expect("8 bytes"))
     }
 }

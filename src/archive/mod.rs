@@ -2,6 +2,8 @@
 //! the root inode; every table index, inode, directory and block is read on first use and
 //! kept in the shared block cache. One file per on-disk structure, as in squashfuse.
 
+pub mod blocks;
+mod cached;
 pub mod dir;
 pub mod file;
 pub mod inode;
@@ -13,16 +15,18 @@ pub mod xattr;
 
 use std::sync::Arc;
 
-use crate::cache::BlockCache;
+use crate::cache::{BlockKind, BudgetCache};
 use crate::error::{Error, Result};
 use crate::source::ReadAt;
 
-pub use dir::DirEntry;
-pub use file::BlockData;
+pub use blocks::BlockLocation;
+pub use dir::{DirEntry, EntryRef};
+pub use file::{BlockData, FileBytes};
 pub use inode::{DirInfo, FileInfo, FileKind, Inode, InodeBody, InodeRef};
 pub use superblock::{CompressorOptions, Superblock};
 pub use xattr::Xattr;
 
+use cached::{CacheKey, Cached};
 use metadata::{MetaPos, MetadataReader};
 use superblock::{flags, NO_TABLE, SUPERBLOCK_LEN};
 use table::LookupTable;
@@ -35,8 +39,12 @@ pub struct Archive {
     source: Arc<dyn ReadAt>,
     pub(crate) sb: Superblock,
     options: Option<CompressorOptions>,
-    pub(crate) cache: BlockCache,
+    pub(crate) cache: BudgetCache<CacheKey, Cached>,
     ids: LookupTable,
+    /// The whole id table, once read: at most 65,536 ids (256 KiB), and every inode
+    /// decoded needs two of them. `None` when it could not be read whole; single entries
+    /// are then read one by one.
+    ids_loaded: std::sync::OnceLock<Option<Box<[u32]>>>,
     fragments: LookupTable,
     exports: Option<LookupTable>,
     xattr: xattr::XattrSlot,
@@ -87,8 +95,10 @@ impl Archive {
             source,
             sb,
             options: None,
-            cache: BlockCache::new(cache_bytes),
+            // Blocks average a few KiB (metadata) to 128 KiB (data).
+            cache: BudgetCache::new(cache_bytes, 16 << 10),
             ids,
+            ids_loaded: Default::default(),
             fragments,
             exports,
             xattr: Default::default(),
@@ -134,9 +144,39 @@ impl Archive {
         &self.root
     }
 
-    /// The shared block cache.
-    pub fn cache(&self) -> &BlockCache {
-        &self.cache
+    /// Bytes the archive's cache holds now.
+    pub fn cache_weight(&self) -> u64 {
+        self.cache.weight()
+    }
+
+    /// The archive's memory budget in bytes.
+    pub fn cache_budget(&self) -> u64 {
+        self.cache.budget()
+    }
+
+    /// Drop everything the archive caches (an idle server gives its memory back; the next
+    /// request reads what it needs again).
+    pub fn drop_caches(&self) {
+        self.cache.clear();
+    }
+
+    /// Whether the image has an xattr table at all (the kernel answers listxattr on some
+    /// inodes of an image without one with EOPNOTSUPP).
+    pub fn has_xattr_table(&self) -> bool {
+        self.sb.xattr_table != NO_TABLE
+    }
+
+    /// Whether the image has an export table (numbers lead to inodes without a walk).
+    pub fn has_export_table(&self) -> bool {
+        self.exports.is_some()
+    }
+
+    /// Whether the data block at image offset `offset` is cached (read-ahead skips those).
+    pub fn is_data_block_cached(&self, offset: u64) -> bool {
+        self.cache.contains(&CacheKey::Block {
+            kind: BlockKind::Data,
+            offset,
+        })
     }
 
     /// The image bytes.

@@ -15,9 +15,8 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use crate::cache::{BlockKey, BlockKind};
+use crate::cache::BlockKind;
 
-use super::file::STORED;
 use super::inode::FileInfo;
 use super::Archive;
 
@@ -129,13 +128,13 @@ impl ReadAhead {
         }
         // Never more than an eighth of the cache: what is read ahead must still be there
         // when its reader arrives.
-        let max_window = (MAX_WINDOW_BYTES.min(self.archive.cache.budget() / 8) / bs).max(1);
+        let max_window = (MAX_WINDOW_BYTES.min(self.archive.cache_budget() / 8) / bs).max(1);
         let window = match stream.window.load(Ordering::Relaxed) {
             0 => 2,
             w => (w * 2).min(max_window),
         };
         stream.window.store(window, Ordering::Relaxed);
-        let blocks = file.block_sizes.len() as u64;
+        let blocks = file.block_count;
         let first = stream
             .ahead_until
             .load(Ordering::Relaxed)
@@ -143,18 +142,16 @@ impl ReadAhead {
         let last = (end.div_ceil(bs) + window).min(blocks);
         let mut next = first;
         while next < last {
-            let i = next as usize;
-            let (word, pos) = (file.block_sizes[i], file.block_offsets[i]);
-            // Sparse blocks need no work; cached ones are done.
-            let key = BlockKey {
-                kind: BlockKind::Data,
-                offset: pos,
+            // A block the list cannot locate is the reader's to report.
+            let Ok(at) = self.archive.block_location(file, next) else {
+                break;
             };
-            if word & !STORED != 0 && !self.archive.cache.contains(&key) {
+            // Sparse blocks need no work; cached ones are done.
+            if at.disk_len() != 0 && !self.archive.is_data_block_cached(at.offset) {
                 let expected = (file.file_size - next * bs).min(bs) as usize;
                 match queue.try_send(Job {
-                    pos,
-                    word,
+                    pos: at.offset,
+                    word: at.word,
                     expected,
                 }) {
                     Ok(()) => {}

@@ -1,12 +1,19 @@
 //! Extended attributes: an id table maps an inode's xattr index to a run of key/value
 //! pairs in the xattr metadata area; shared values are stored once, out of line.
+//!
+//! Pairs are scanned, never collected: a lookup reads names until one matches and then
+//! reads that one value, a listing reads names only. The image says how many pairs an
+//! inode has (up to 2^29) and an out-of-line value may be shared by all of them, so every
+//! request is bounded: it reads at most [`MAX_XATTR_SCAN`] bytes of pairs, a listing is at
+//! most [`MAX_XATTR_LIST`] bytes (what the kernel could ever pass on), and a value at most
+//! [`MAX_XATTR_VALUE`].
 
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 
 use super::inode::Inode;
-use super::metadata::{MetaPos, MetadataReader};
+use super::metadata::{Fields, MetaPos, MetadataReader};
 use super::superblock::NO_TABLE;
 use super::table::LookupTable;
 use super::Archive;
@@ -15,8 +22,17 @@ use super::Archive;
 const MAX_XATTR_NAME: usize = 255;
 /// Largest value (the kernel's XATTR_SIZE_MAX).
 pub const MAX_XATTR_VALUE: usize = 65536;
+/// Largest list of names (the kernel's XATTR_LIST_MAX).
+pub const MAX_XATTR_LIST: usize = 65536;
+/// Most bytes of an inode's pairs (headers, names, in-line values) one request reads.
+pub const MAX_XATTR_SCAN: u64 = 8 << 20;
+/// Most bytes of values [`Archive::xattrs`] returns for one inode (the command-line tools
+/// copy whole sets; a mount never asks for one).
+pub const MAX_XATTR_SET: usize = 16 << 20;
 /// Flag of a key whose value is a reference to a value stored elsewhere.
 const OUT_OF_LINE: u16 = 0x100;
+/// Longest prefix ("security.").
+const MAX_PREFIX: usize = 9;
 
 /// One attribute, with its namespace prefix in the name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -38,6 +54,111 @@ fn prefix(kind: u16) -> Option<&'static [u8]> {
         1 => Some(b"trusted."),
         2 => Some(b"security."),
         _ => None,
+    }
+}
+
+/// Where a pair's value is.
+#[derive(Debug, Clone, Copy)]
+enum ValueAt {
+    /// Right after the pair's header, this many bytes.
+    InLine(u32),
+    /// Out of line, at this reference in the key/value area.
+    Elsewhere(u64),
+}
+
+/// Reads one inode's pairs in order.
+struct XattrScan<'a> {
+    archive: &'a Archive,
+    table: &'a XattrTable,
+    reader: MetadataReader<'a>,
+    left: u32,
+    /// In-line value bytes of the last pair not read, skipped before the next.
+    unread: u64,
+    scanned: u64,
+    inode: u32,
+    /// The last pair's full name (prefix included) and its length; 0 for a namespace the
+    /// kernel does not know, which is skipped as the kernel skips it.
+    name: [u8; MAX_PREFIX + MAX_XATTR_NAME],
+    name_len: usize,
+}
+
+impl<'a> XattrScan<'a> {
+    fn count(&mut self, n: u64) -> Result<()> {
+        self.scanned += n;
+        if self.scanned > MAX_XATTR_SCAN {
+            return Err(Error::XattrsTooLarge(format!(
+                "the extended attributes of inode {} take more than {MAX_XATTR_SCAN} bytes",
+                self.inode
+            )));
+        }
+        Ok(())
+    }
+
+    /// The next pair: its full name (empty for an unknown namespace) and where its value
+    /// is; `None` after the last.
+    fn next(&mut self) -> Result<Option<(&[u8], ValueAt)>> {
+        if self.unread > 0 {
+            self.reader.skip(std::mem::take(&mut self.unread))?;
+        }
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
+        let h: [u8; 4] = self.reader.array()?;
+        let h = Fields(&h);
+        let (kind, name_len) = (h.u16(0), h.u16(2) as usize);
+        if name_len > MAX_XATTR_NAME {
+            return Err(Error::corrupt(format!("xattr name of {name_len} bytes")));
+        }
+        self.count(8 + name_len as u64)?;
+        let full = match prefix(kind & 0xff) {
+            Some(p) => {
+                self.name[..p.len()].copy_from_slice(p);
+                self.reader
+                    .read(&mut self.name[p.len()..p.len() + name_len])?;
+                p.len() + name_len
+            }
+            None => {
+                self.reader.skip(name_len as u64)?;
+                0
+            }
+        };
+        self.name_len = full;
+        let value_len = self.reader.u32()?;
+        let at = if kind & OUT_OF_LINE != 0 {
+            if value_len != 8 {
+                return Err(Error::corrupt("out-of-line xattr reference is not 8 bytes"));
+            }
+            self.count(8)?;
+            ValueAt::Elsewhere(self.reader.u64()?)
+        } else {
+            if value_len as usize > MAX_XATTR_VALUE {
+                return Err(Error::corrupt(format!("xattr value of {value_len} bytes")));
+            }
+            self.count(u64::from(value_len))?;
+            self.unread = u64::from(value_len);
+            ValueAt::InLine(value_len)
+        };
+        Ok(Some((&self.name[..full], at)))
+    }
+
+    /// The value of the pair `next` returned last.
+    fn value(&mut self, at: ValueAt) -> Result<Vec<u8>> {
+        match at {
+            ValueAt::InLine(len) => {
+                self.unread = 0;
+                self.reader.bytes(len as usize)
+            }
+            ValueAt::Elsewhere(vref) => {
+                let mut vr =
+                    MetadataReader::new(self.archive, self.archive.xattr_pos(self.table, vref)?);
+                let len = vr.u32()? as usize;
+                if len > MAX_XATTR_VALUE {
+                    return Err(Error::corrupt(format!("xattr value of {len} bytes")));
+                }
+                vr.bytes(len)
+            }
+        }
     }
 }
 
@@ -73,10 +194,10 @@ impl Archive {
         Ok(Some(self.xattr.get_or_init(|| table)))
     }
 
-    /// Every extended attribute of `inode`, in stored order.
-    pub fn xattrs(&self, inode: &Inode) -> Result<Vec<Xattr>> {
+    /// A scan of `inode`'s pairs, or `None` when it has none.
+    fn xattr_scan(&self, inode: &Inode) -> Result<Option<XattrScan<'_>>> {
         let Some(index) = inode.xattr_index else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
         let table = self.xattr_table()?.ok_or_else(|| {
             Error::corrupt(format!(
@@ -85,48 +206,84 @@ impl Archive {
             ))
         })?;
         let (xref, count, total) = self.xattr_entry(table, index)?;
-        let total = total as usize;
-        let mut r = MetadataReader::new(self, self.xattr_pos(table, xref)?);
         // Each pair takes at least 8 bytes, so `total` bounds the count honestly.
-        if count as usize > total / 8 + 1 {
+        if count as usize > total as usize / 8 + 1 {
             return Err(Error::corrupt(format!(
                 "xattr entry {index} claims {count} attributes in {total} bytes"
             )));
         }
-        // `count` comes from disk (up to 2^29 passes the check above): grow as pairs are
-        // actually read rather than reserving for it.
-        let mut out = Vec::with_capacity((count as usize).min(64));
-        for _ in 0..count {
-            let kind = r.u16()?;
-            let name_len = r.u16()? as usize;
-            if name_len > MAX_XATTR_NAME {
-                return Err(Error::corrupt(format!("xattr name of {name_len} bytes")));
+        Ok(Some(XattrScan {
+            archive: self,
+            table,
+            reader: MetadataReader::new(self, self.xattr_pos(table, xref)?),
+            left: count,
+            unread: 0,
+            scanned: 0,
+            inode: inode.number,
+            name: [0; MAX_PREFIX + MAX_XATTR_NAME],
+            name_len: 0,
+        }))
+    }
+
+    /// The value of `inode`'s attribute `name` (prefix included), if it has one.
+    pub fn xattr_value(&self, inode: &Inode, name: &[u8]) -> Result<Option<Vec<u8>>> {
+        let Some(mut scan) = self.xattr_scan(inode)? else {
+            return Ok(None);
+        };
+        while let Some((found, at)) = scan.next()? {
+            if !found.is_empty() && found == name {
+                return scan.value(at).map(Some);
             }
-            let name = r.bytes(name_len)?;
-            let value_len = r.u32()? as usize;
-            let value = if kind & OUT_OF_LINE != 0 {
-                if value_len != 8 {
-                    return Err(Error::corrupt("out-of-line xattr reference is not 8 bytes"));
-                }
-                let vref = r.u64()?;
-                let mut vr = MetadataReader::new(self, self.xattr_pos(table, vref)?);
-                let len = vr.u32()? as usize;
-                if len > MAX_XATTR_VALUE {
-                    return Err(Error::corrupt(format!("xattr value of {len} bytes")));
-                }
-                vr.bytes(len)?
-            } else {
-                if value_len > MAX_XATTR_VALUE {
-                    return Err(Error::corrupt(format!("xattr value of {value_len} bytes")));
-                }
-                r.bytes(value_len)?
-            };
-            // Unknown namespaces are skipped, as the kernel does.
-            if let Some(p) = prefix(kind & 0xff) {
-                let mut full = p.to_vec();
-                full.extend_from_slice(&name);
-                out.push(Xattr { name: full, value });
+        }
+        Ok(None)
+    }
+
+    /// The names of `inode`'s attributes that `keep` accepts, each followed by a NUL, in
+    /// stored order: what listxattr answers. A list longer than the kernel could pass on
+    /// is refused ([`Error::XattrsTooLarge`]).
+    pub fn xattr_names(&self, inode: &Inode, keep: impl Fn(&[u8]) -> bool) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let Some(mut scan) = self.xattr_scan(inode)? else {
+            return Ok(out);
+        };
+        while let Some((name, _)) = scan.next()? {
+            if name.is_empty() || !keep(name) {
+                continue;
             }
+            if out.len() + name.len() + 1 > MAX_XATTR_LIST {
+                return Err(Error::XattrsTooLarge(format!(
+                    "the attribute names of inode {} exceed {MAX_XATTR_LIST} bytes",
+                    inode.number
+                )));
+            }
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// Every extended attribute of `inode`, in stored order, with its value: for tools that
+    /// copy whole sets. At most [`MAX_XATTR_SET`] bytes of values.
+    pub fn xattrs(&self, inode: &Inode) -> Result<Vec<Xattr>> {
+        let mut out = Vec::new();
+        let Some(mut scan) = self.xattr_scan(inode)? else {
+            return Ok(out);
+        };
+        let mut held = 0usize;
+        while let Some((name, at)) = scan.next()? {
+            if name.is_empty() {
+                continue;
+            }
+            let name = name.to_vec();
+            let value = scan.value(at)?;
+            held += name.len() + value.len();
+            if held > MAX_XATTR_SET {
+                return Err(Error::XattrsTooLarge(format!(
+                    "the extended attributes of inode {} exceed {MAX_XATTR_SET} bytes",
+                    inode.number
+                )));
+            }
+            out.push(Xattr { name, value });
         }
         Ok(out)
     }

@@ -15,7 +15,11 @@ use super::Cli;
 pub fn man_page() -> io::Result<Vec<u8>> {
     use clap_mangen::Man;
 
-    let mut cmd = Cli::command().disable_help_subcommand(true);
+    // The version alone: `--version`'s long text names the commit, which would make the
+    // committed page differ from what every new commit generates.
+    let mut cmd = Cli::command()
+        .long_version(None::<&str>)
+        .disable_help_subcommand(true);
     cmd.build();
     let mut out = Vec::new();
     let man = Man::new(cmd.clone());

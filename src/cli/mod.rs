@@ -7,6 +7,7 @@ pub mod compat;
 mod docs;
 mod mount;
 mod run;
+mod version;
 
 use std::path::PathBuf;
 
@@ -17,7 +18,14 @@ pub use commands::run;
 /// Mount SquashFS and SIF container images read-only over FUSE, exactly as the kernel's
 /// squashfs driver shows them; inspect, list and extract them without mounting.
 #[derive(Debug, Parser)]
-#[command(name = "sifuse", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "sifuse",
+    version,
+    long_version = version::long_version(),
+    about,
+    long_about = None,
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -46,6 +54,7 @@ impl ImageArgs {
             offset: self.offset,
             partition: self.partition.clone(),
             cache: self.cache.settings(),
+            store: None,
         }
     }
 }

@@ -1,45 +1,49 @@
-//! The FUSE adapter: fuser's request callbacks answered from the archive, showing what the
-//! kernel's squashfs driver shows (see [`nodes`] for how st_ino stays the SquashFS inode
-//! number). Nothing here knows the on-disk layout; nothing in the archive knows FUSE.
+//! The FUSE adapter: fuser's requests answered from the archive, showing what the kernel's
+//! squashfs driver shows (see [`nodes`] for how st_ino stays the SquashFS inode number).
+//! Nothing here knows the on-disk layout: it asks the archive for inodes, listings from a
+//! position, byte ranges and xattrs; nothing in the archive knows FUSE.
 //!
+//! The answers live here, the request dispatch (fuser's `Filesystem`) in [`dispatch`].
 //! Every request runs inside [`ArchiveFs::serve`]: a panic in one answers EIO (fuser sends
 //! EIO for a reply dropped unsent) and the request threads keep serving.
+//!
+//! What the adapter keeps is bounded whatever the image or the kernel do: no listing is
+//! held whole (readdir pages through the archive from the position the kernel gives), no
+//! decoded inode is kept per node, nodes cost nothing with an export table and at most a
+//! fixed table without one, and read-ahead state is kept for a bounded number of files.
 
 pub mod access;
 pub mod activity;
 pub mod attr;
+mod dispatch;
 pub mod handles;
-pub mod listings;
 pub mod nodes;
 pub mod owners;
 pub mod push;
+pub mod streams;
 
 use std::ffi::OsStr;
-use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenAccMode,
-    OpenFlags, PollEvents, PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen,
-    ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, Generation, INodeNo, OpenAccMode, OpenFlags, ReplyDirectory,
+    ReplyDirectoryPlus,
 };
 
 use crate::archive::readahead::{ReadAhead, Stream};
-use crate::archive::superblock::NO_TABLE;
-use crate::archive::{Archive, BlockData, DirEntry, FileKind, Inode, InodeRef};
+use crate::archive::{Archive, EntryRef, FileBytes, FileKind, Inode};
 
+use access::Callers;
 use activity::Activity;
 use attr::{bare_dir_attr, file_attr, file_type};
 use handles::{HandleTable, OpenFile};
-use listings::{Listing, Listings};
-use nodes::NodeTable;
+use nodes::{Handed, NodeTable};
 use owners::Owners;
 use push::Pusher;
+use streams::Streams;
 
 /// How long the kernel may trust entries and attributes: the image never changes, so in
 /// effect forever (a year keeps the kernel's jiffies arithmetic far from overflow).
@@ -48,11 +52,17 @@ pub const CACHE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Longest name a lookup can find (the kernel answers ENAMETOOLONG beyond it).
 const MAX_NAME: usize = 256;
 
-/// Background requests (mostly read-ahead) the kernel may have in flight at once.
-const MAX_BACKGROUND: u16 = 64;
-
 /// Namespaces SquashFS stores; the kernel has no handler for any other prefix.
 const XATTR_PREFIXES: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
+
+/// readdir offsets: 1 follows `.`, 2 follows `..`, and `LISTING_BASE + p` follows the
+/// entry that ends at byte `p` of the stored listing (the numbering the kernel's own
+/// driver uses, shifted past the two invented entries).
+const LISTING_BASE: u64 = 2;
+
+/// The node table may use a quarter of the memory budget (an image without an export
+/// table only).
+const NODE_TABLE_SHARE: u64 = 4;
 
 /// Whether open and opendir hand out handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +71,7 @@ pub enum Opens {
     /// without asking (FUSE's no_open and no_opendir: keep-cache for files, the kernel's
     /// readdir cache for directories, and no release either), which saves two of the
     /// three round trips reading a small file costs and two per directory listed. Reads
-    /// and readdirs find the inode, read position and listing by node.
+    /// and readdirs find the inode and read position by node.
     Unasked,
     /// Hand out handles and count them: the idle timeout must not unmount while anything
     /// is open, and without open and release it could not know.
@@ -74,13 +84,15 @@ pub struct ArchiveFs {
     readahead: ReadAhead,
     root: Arc<Inode>,
     nodes: Arc<NodeTable>,
+    streams: Streams,
     opens: Opens,
     files: HandleTable<OpenFile>,
-    dirs: HandleTable<Listing>,
-    listings: Arc<Listings>,
+    dirs: HandleTable<Inode>,
     pusher: Arc<Pusher>,
     owners: Owners,
     activity: Arc<Activity>,
+    /// Who the server answers (see [`access`]).
+    callers: Callers,
     /// How long the kernel may keep attributes: [`CACHE_TTL`], or zero under
     /// [`ArchiveFs::revalidate_every_access`].
     attr_ttl: Duration,
@@ -95,8 +107,9 @@ impl std::fmt::Debug for ArchiveFs {
     }
 }
 
-/// Where a request failed: the errno to answer, after logging what went wrong.
-fn failed(op: &str, e: &crate::Error) -> Errno {
+/// Log why a request failed (a warning for EIO, which means a damaged image or a failing
+/// source; a debug line otherwise) and return the errno to answer.
+fn log_failure(op: &str, e: &crate::Error) -> Errno {
     let errno = e.errno();
     if errno == libc::EIO {
         tracing::warn!("{op}: {e}");
@@ -104,21 +117,6 @@ fn failed(op: &str, e: &crate::Error) -> Errno {
         tracing::debug!("{op}: {e}");
     }
     Errno::from_i32(errno)
-}
-
-/// Keep every thread's allocations in one glibc heap. glibc gives each allocating thread
-/// its own arena, and a block freed by cache eviction goes back to the arena of the thread
-/// that decompressed it: with request and read-ahead threads all loading blocks, freed
-/// space in one arena was seldom reused by the others and the server's RSS reached 2.5
-/// times the cache budget. In one arena every freed block is reused; blocks are large, so
-/// the shared lock is taken rarely. Call before the request threads start.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes a tuning parameter of the allocator.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10);
-    }
 }
 
 /// The message of a caught panic.
@@ -146,30 +144,38 @@ impl ArchiveFs {
                 root.number
             )));
         }
-        limit_malloc_arenas();
+        crate::cache::tune_for_serving();
         let archive = Arc::new(archive);
         // One read-ahead worker per CPU: a sequential reader then uses every core.
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
-        let nodes = Arc::new(NodeTable::new(root.number, root.iref));
-        let listings = Arc::new(Listings::default());
+        let node_capacity =
+            (archive.cache_budget() / NODE_TABLE_SHARE) as usize / nodes::BYTES_PER_NODE;
+        let nodes = Arc::new(NodeTable::new(
+            root.number,
+            root.iref,
+            archive.has_export_table(),
+            node_capacity.max(1024),
+        ));
         Ok(ArchiveFs {
-            pusher: Arc::new(Pusher::new(
-                archive.clone(),
-                nodes.clone(),
-                listings.clone(),
-            )),
+            pusher: Arc::new(Pusher::new(archive.clone(), nodes.clone())),
             nodes,
+            streams: Streams::default(),
             readahead: ReadAhead::new(archive.clone(), workers),
             archive,
             root: Arc::new(root),
             opens,
             files: HandleTable::default(),
             dirs: HandleTable::default(),
-            listings,
             owners,
             activity,
+            callers: Callers::Anyone,
             attr_ttl: CACHE_TTL,
         })
+    }
+
+    /// Answer only `callers`; every other caller's request is refused with EACCES.
+    pub fn admit_only(&mut self, callers: Callers) {
+        self.callers = callers;
     }
 
     /// Let the kernel keep no attributes, so that with default_permissions every access
@@ -185,6 +191,14 @@ impl ArchiveFs {
         self.pusher.clone()
     }
 
+    /// Give back what the server keeps for speed alone (cached blocks, read-ahead state):
+    /// called when the mount has been idle a while. The next requests read it again.
+    pub fn release_memory(&self) {
+        self.archive.drop_caches();
+        self.streams.clear();
+        crate::cache::release_spare_buffers();
+    }
+
     /// Run one request. A panic inside `handle` is logged and the reply it owned, dropped
     /// while unwinding, answers EIO.
     fn serve(&self, op: &'static str, handle: impl FnOnce()) {
@@ -198,32 +212,37 @@ impl ArchiveFs {
     }
 
     /// The inode behind node `node`.
-    fn inode_of(&self, op: &str, node: INodeNo) -> Result<Arc<Inode>, Errno> {
+    fn inode_of(&self, op: &str, node: INodeNo) -> Result<Inode, Errno> {
         if node.0 == nodes::ROOT_NODE {
-            return Ok(self.root.clone());
+            return Ok(Inode::clone(&self.root));
         }
-        let (iref, kept) = self.nodes.lookup_node(node.0).ok_or_else(|| {
-            tracing::warn!(
-                "{op}: the kernel asked for node {} it does not hold",
-                node.0
-            );
-            Errno::ESTALE
-        })?;
-        if let Some(inode) = kept {
-            return Ok(inode);
-        }
-        let inode = Arc::new(self.archive.inode(iref).map_err(|e| failed(op, &e))?);
-        self.nodes.keep_inode(&inode);
-        Ok(inode)
+        let iref = match self.nodes.iref(&self.archive, node.0) {
+            Ok(Some(iref)) => iref,
+            Ok(None) => {
+                tracing::warn!(
+                    "{op}: the kernel asked for node {} it does not hold",
+                    node.0
+                );
+                return Err(Errno::ESTALE);
+            }
+            Err(e) => {
+                tracing::warn!("{op}: corrupt image: {e}");
+                return Err(Errno::EIO);
+            }
+        };
+        self.archive.inode(iref).map_err(|e| log_failure(op, &e))
     }
 
     /// The inode a directory entry names, which must be of the type the entry says.
-    fn entry_inode(&self, op: &str, entry: &DirEntry) -> Result<Inode, Errno> {
-        let inode = self.archive.inode(entry.iref).map_err(|e| failed(op, &e))?;
+    fn entry_inode(&self, op: &str, entry: &EntryRef<'_>) -> Result<Inode, Errno> {
+        let inode = self
+            .archive
+            .inode(entry.iref)
+            .map_err(|e| log_failure(op, &e))?;
         if inode.kind != entry.kind || inode.number != entry.inode_number {
             tracing::warn!(
                 "{op}: corrupt image: entry {:?} says {:?} inode {} but the inode is {:?} inode {}",
-                String::from_utf8_lossy(&entry.name),
+                String::from_utf8_lossy(entry.name),
                 entry.kind,
                 entry.inode_number,
                 inode.kind,
@@ -234,12 +253,16 @@ impl ArchiveFs {
         Ok(inode)
     }
 
+    /// st_blocks of `inode`.
+    fn stat_blocks(&self, op: &str, inode: &Inode) -> Result<u64, Errno> {
+        self.archive
+            .stat_blocks(inode)
+            .map_err(|e| log_failure(op, &e))
+    }
+
     /// Attributes with the true inode number, for getattr.
     fn attr(&self, op: &str, inode: &Inode) -> Result<FileAttr, Errno> {
-        let blocks = self
-            .archive
-            .stat_blocks(inode)
-            .map_err(|e| failed(op, &e))?;
+        let blocks = self.stat_blocks(op, inode)?;
         Ok(file_attr(
             inode,
             u64::from(inode.number),
@@ -248,32 +271,30 @@ impl ArchiveFs {
         ))
     }
 
-    /// Attributes for an entry reply, which carry the node id as ino, and how long the
-    /// kernel may keep them: not at all when the node id is not the inode number, so that
-    /// stat asks getattr for the true one.
-    fn entry_attr(&self, op: &str, inode: &Inode) -> Result<(FileAttr, Duration), Errno> {
-        let blocks = self
-            .archive
-            .stat_blocks(inode)
-            .map_err(|e| failed(op, &e))?;
-        let node = self.nodes.node_id(inode.number);
-        let ttl = if self.nodes.is_displaced(inode.number) {
+    /// Hand the node of `inode` (found inside the served tree) to the kernel once more:
+    /// the attributes an entry reply carries (the node id as ino) and how long the kernel
+    /// may keep them: not at all when the node id is not the inode number, so that stat
+    /// asks getattr for the true one.
+    fn hand_out(&self, op: &str, inode: &Inode) -> Result<(FileAttr, Duration, Handed), Errno> {
+        // Everything that can fail comes first: a node handed out must reach the kernel.
+        let blocks = self.stat_blocks(op, inode)?;
+        let handed = self
+            .nodes
+            .hand_out(&self.archive, inode.number, inode.iref)
+            .map_err(|e| {
+                tracing::warn!("{op}: corrupt image: {e}");
+                Errno::EIO
+            })?;
+        let ttl = if handed.displaced {
             Duration::ZERO
         } else {
             self.attr_ttl
         };
-        Ok((file_attr(inode, node, blocks, &self.owners), ttl))
-    }
-
-    /// Hand node of `inode`, found in directory `parent`, to the kernel once more.
-    fn remember(&self, op: &str, inode: Inode, parent: InodeRef) -> Result<u64, Errno> {
-        let node = self.nodes.remember(inode.number, inode.iref).map_err(|e| {
-            tracing::warn!("{op}: corrupt image: {e}");
-            Errno::EIO
-        })?;
-        self.nodes.note_parent(inode.number, parent);
-        self.nodes.keep_inode(&Arc::new(inode));
-        Ok(node)
+        Ok((
+            file_attr(inode, handed.node, blocks, &self.owners),
+            ttl,
+            handed,
+        ))
     }
 
     fn lookup_entry(
@@ -291,33 +312,36 @@ impl ArchiveFs {
         let Some(entry) = self
             .archive
             .lookup(&dir, name)
-            .map_err(|e| failed("lookup", &e))?
+            .map_err(|e| log_failure("lookup", &e))?
         else {
             return Ok(None);
         };
+        let entry = EntryRef {
+            name: &entry.name,
+            iref: entry.iref,
+            inode_number: entry.inode_number,
+            kind: entry.kind,
+        };
         let inode = self.entry_inode("lookup", &entry)?;
-        let found = self.entry_attr("lookup", &inode)?;
-        self.remember("lookup", inode, dir.iref)?;
-        Ok(Some(found))
+        let (attr, ttl, _) = self.hand_out("lookup", &inode)?;
+        Ok(Some((attr, ttl)))
     }
 
-    /// The listing of directory `node`, from its handle if it has one.
-    fn listing(&self, op: &str, node: INodeNo, fh: FileHandle) -> Result<Arc<Listing>, Errno> {
+    /// The directory being listed: the handle's, or the node's.
+    fn dir_of(&self, op: &str, node: INodeNo, fh: FileHandle) -> Result<Inode, Errno> {
         if let Some(open) = self.dirs.get(fh.0) {
-            return Ok(open);
+            return Ok(Inode::clone(&open));
         }
         let inode = self.inode_of(op, node)?;
         if inode.kind != FileKind::Directory {
             return Err(Errno::ENOTDIR);
         }
-        self.listings
-            .of(&self.archive, &inode)
-            .map_err(|e| failed(op, &e))
+        Ok(inode)
     }
 
     fn open_dir(&self, node: INodeNo) -> Result<u64, Errno> {
-        let listing = self.listing("opendir", node, FileHandle(0))?;
-        Ok(self.dirs.insert(listing))
+        let dir = self.dir_of("opendir", node, FileHandle(0))?;
+        Ok(self.dirs.insert(dir))
     }
 
     fn open_file(&self, node: INodeNo, flags: OpenFlags) -> Result<u64, Errno> {
@@ -327,7 +351,7 @@ impl ArchiveFs {
         let inode = self.inode_of("open", node)?;
         match inode.kind {
             FileKind::File => Ok(self.files.insert(OpenFile {
-                inode,
+                inode: Arc::new(inode),
                 stream: Arc::default(),
             })),
             FileKind::Directory => Err(Errno::EISDIR),
@@ -342,11 +366,10 @@ impl ArchiveFs {
             return Ok((open.inode.clone(), open.stream.clone()));
         }
         let inode = self.inode_of("read", node)?;
-        let stream = self.nodes.stream(node.0).unwrap_or_default();
-        Ok((inode, stream))
+        Ok((Arc::new(inode), self.streams.of(node.0)))
     }
 
-    /// The bytes of a read: a range of one cached block, or assembled in `assembly`; and
+    /// The bytes of a read (a range of one cached block, or assembled in `assembly`), and
     /// the file's inode.
     fn read_file<'a>(
         &self,
@@ -355,56 +378,34 @@ impl ArchiveFs {
         offset: u64,
         size: u32,
         assembly: &'a mut Vec<u8>,
-    ) -> Result<(ReadData<'a>, Arc<Inode>), Errno> {
+    ) -> Result<(FileBytes<'a>, Arc<Inode>), Errno> {
         let (inode, stream) = self.file_of(node, fh)?;
-        let data = self.read_bytes(&inode, &stream, offset, size, assembly)?;
-        Ok((data, inode))
-    }
-
-    fn read_bytes<'a>(
-        &self,
-        inode: &Inode,
-        stream: &Stream,
-        offset: u64,
-        size: u32,
-        assembly: &'a mut Vec<u8>,
-    ) -> Result<ReadData<'a>, Errno> {
         let file = inode.as_file().ok_or(Errno::EBADF)?;
-        let want = (size as u64).min(file.file_size.saturating_sub(offset)) as usize;
-        self.readahead.on_read(file, stream, offset, want as u64);
-        // The kernel reads whole aligned blocks, and small files are one fragment: answer
-        // those straight from the cached block, without assembling a copy.
-        let bs = u64::from(self.archive.superblock().block_size);
-        let within = (offset % bs) as usize;
-        if want > 0 && within + want <= bs as usize {
-            let block = self
-                .archive
-                .file_block(file, offset / bs)
-                .map_err(|e| failed("read", &e))?;
-            if block.bytes().is_some() {
-                return Ok(ReadData::Block(block, within..within + want));
-            }
-        }
-        assembly.clear();
-        assembly.resize(want, 0);
-        let n = self
+        let want = u64::from(size).min(file.file_size.saturating_sub(offset));
+        self.readahead.on_read(file, &stream, offset, want);
+        let bytes = self
             .archive
-            .read_file_at(file, offset, assembly)
-            .map_err(|e| failed("read", &e))?;
-        Ok(ReadData::Assembled(&assembly[..n]))
+            .read_range(file, offset, size as usize, assembly)
+            .map_err(|e| log_failure("read", &e))?;
+        Ok((bytes, inode))
     }
 
-    /// Entry `index` of a directory as readdir numbers them: `.`, `..`, then the stored
-    /// entries. Returns (inode number, type, name).
-    fn dir_slot(dir: &Listing, index: u64) -> Option<(u32, FileKind, &[u8])> {
-        match index {
-            0 => Some((dir.number, FileKind::Directory, b".")),
-            1 => Some((dir.parent, FileKind::Directory, b"..")),
-            i => dir
-                .entries
-                .get(usize::try_from(i - 2).ok()?)
-                .map(|e| (e.inode_number, e.kind, e.name.as_slice())),
+    /// Add `.` and `..` to a listing that starts at `offset`, through `add` (which answers
+    /// whether the reply is full). Returns the listing position to go on from, or `None`
+    /// when the reply is full.
+    fn add_dots(
+        dir: &Inode,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, &[u8]) -> bool,
+    ) -> Option<u64> {
+        let parent = dir.as_dir().map_or(dir.number, |d| d.parent);
+        if offset == 0 && add(u64::from(dir.number), 1, b".") {
+            return None;
         }
+        if offset <= 1 && add(u64::from(parent), LISTING_BASE, b"..") {
+            return None;
+        }
+        Some(offset.saturating_sub(LISTING_BASE))
     }
 
     fn fill_dir(
@@ -414,24 +415,38 @@ impl ArchiveFs {
         offset: u64,
         reply: &mut ReplyDirectory,
     ) -> Result<(), Errno> {
-        let dir = self.listing("readdir", node, fh)?;
-        let mut index = offset;
-        while let Some((number, kind, name)) = Self::dir_slot(&dir, index) {
-            if reply.add(
-                INodeNo(u64::from(number)),
-                index + 1,
-                file_type(kind),
+        let dir = self.dir_of("readdir", node, fh)?;
+        let Some(from) = Self::add_dots(&dir, offset, |ino, off, name| {
+            reply.add(
+                INodeNo(ino),
+                off,
+                file_type(FileKind::Directory),
                 OsStr::from_bytes(name),
-            ) {
-                break;
-            }
-            index += 1;
+            )
+        }) else {
+            return Ok(());
+        };
+        let mut added = offset < LISTING_BASE;
+        let listed = self.archive.list_from(&dir, from, |entry, after| {
+            let full = reply.add(
+                INodeNo(u64::from(entry.inode_number)),
+                LISTING_BASE + after,
+                file_type(entry.kind),
+                OsStr::from_bytes(entry.name),
+            );
+            added |= !full;
+            !full
+        });
+        match listed {
+            // Answer what is done; the next call starts at the bad entry and fails.
+            Err(e) if !added => Err(log_failure("readdir", &e)),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Fill a readdirplus reply. Every entry added (but `.` and `..`, which the kernel does
-    /// not keep) is a lookup the kernel will count, so it is remembered before the reply.
+    /// not keep) is a lookup the kernel will count, so its node is handed out before the
+    /// reply, and taken back if the reply has no room for it.
     fn fill_dir_plus(
         &self,
         node: INodeNo,
@@ -439,60 +454,62 @@ impl ArchiveFs {
         offset: u64,
         reply: &mut ReplyDirectoryPlus,
     ) -> Result<(), Errno> {
-        let dir = self.listing("readdirplus", node, fh)?;
-        let mut index = offset;
-        while let Some((number, _, name)) = Self::dir_slot(&dir, index) {
-            let name = OsStr::from_bytes(name);
-            let full = if index < 2 {
-                let attr = bare_dir_attr(u64::from(number));
-                reply.add(
-                    attr.ino,
-                    index + 1,
-                    name,
-                    &self.attr_ttl,
-                    &attr,
-                    Generation(0),
-                )
-            } else {
-                let entry = &dir.entries[(index - 2) as usize];
-                // A readdirplus entry's d_ino is its node id, which for the displaced
-                // inode is not its number. End the reply before it: the kernel asks for
-                // the rest with plain readdir (READDIRPLUS_AUTO uses plus past offset 0
-                // only after lookups in the directory), which reports the true number.
-                if index > offset && self.nodes.is_displaced(entry.inode_number) {
-                    break;
-                }
-                let (attr, ttl, node) = match self.plus_entry(dir.iref, entry) {
-                    Ok(found) => found,
-                    // Answer what is done; the next call starts at the bad entry and fails.
-                    Err(_) if index > offset => break,
-                    Err(e) => return Err(e),
-                };
-                let full = reply.add(attr.ino, index + 1, name, &ttl, &attr, Generation(0));
-                if full {
-                    self.nodes.forget(node, 1);
-                }
-                full
-            };
-            if full {
-                break;
+        let dir = self.dir_of("readdirplus", node, fh)?;
+        let Some(from) = Self::add_dots(&dir, offset, |ino, off, name| {
+            let attr = bare_dir_attr(ino);
+            reply.add(
+                attr.ino,
+                off,
+                OsStr::from_bytes(name),
+                &CACHE_TTL,
+                &attr,
+                Generation(0),
+            )
+        }) else {
+            return Ok(());
+        };
+        let mut added = offset < LISTING_BASE;
+        let mut failure = None;
+        let listed = self.archive.list_from(&dir, from, |entry, after| {
+            // A readdirplus entry's d_ino is its node id, which for a displaced inode is
+            // not its number. End the reply before it: the kernel asks for the rest with
+            // plain readdir (READDIRPLUS_AUTO uses plus past offset 0 only after lookups
+            // in the directory), which reports the true number.
+            if added && self.nodes.is_displaced(entry.inode_number) {
+                return false;
             }
-            index += 1;
+            let found = self
+                .entry_inode("readdirplus", &entry)
+                .and_then(|inode| self.hand_out("readdirplus", &inode));
+            let (attr, ttl, handed) = match found {
+                Ok(found) => found,
+                Err(e) => {
+                    failure = Some(e);
+                    return false;
+                }
+            };
+            let name = OsStr::from_bytes(entry.name);
+            if reply.add(
+                attr.ino,
+                LISTING_BASE + after,
+                name,
+                &ttl,
+                &attr,
+                Generation(0),
+            ) {
+                self.nodes.forget(handed.node, 1);
+                return false;
+            }
+            added = true;
+            true
+        });
+        match (listed, failure) {
+            // Answer what is done; the next call starts at the bad entry and fails.
+            _ if added => Ok(()),
+            (Err(e), _) => Err(log_failure("readdirplus", &e)),
+            (Ok(()), Some(errno)) => Err(errno),
+            (Ok(()), None) => Ok(()),
         }
-        Ok(())
-    }
-
-    /// The attributes, their lifetime and the (remembered) node of one readdirplus entry
-    /// of directory `dir`.
-    fn plus_entry(
-        &self,
-        dir: InodeRef,
-        entry: &DirEntry,
-    ) -> Result<(FileAttr, Duration, u64), Errno> {
-        let inode = self.entry_inode("readdirplus", entry)?;
-        let (attr, ttl) = self.entry_attr("readdirplus", &inode)?;
-        let node = self.remember("readdirplus", inode, dir)?;
-        Ok((attr, ttl, node))
     }
 
     /// The value of xattr `name` of `node`.
@@ -501,14 +518,9 @@ impl ArchiveFs {
             return Err(Errno::EOPNOTSUPP);
         }
         let inode = self.inode_of("getxattr", node)?;
-        let xattrs = self
-            .archive
-            .xattrs(&inode)
-            .map_err(|e| failed("getxattr", &e))?;
-        xattrs
-            .into_iter()
-            .find(|x| x.name == name)
-            .map(|x| x.value)
+        self.archive
+            .xattr_value(&inode, name)
+            .map_err(|e| log_failure("getxattr", &e))?
             .ok_or(Errno::NO_XATTR)
     }
 
@@ -519,529 +531,14 @@ impl ArchiveFs {
         // In an image without an xattr table, the kernel answers listxattr with EOPNOTSUPP
         // for the inodes whose operations include listxattr (directories, symlinks and
         // every extended inode); basic files, devices, fifos and sockets list nothing.
-        if self.archive.superblock().xattr_table == NO_TABLE
+        if !self.archive.has_xattr_table()
             && (inode.extended || matches!(inode.kind, FileKind::Directory | FileKind::Symlink))
         {
             return Err(Errno::EOPNOTSUPP);
         }
-        let xattrs = self
-            .archive
-            .xattrs(&inode)
-            .map_err(|e| failed("listxattr", &e))?;
-        let mut names = Vec::new();
-        for x in xattrs
-            .iter()
-            .filter(|x| uid == 0 || !x.name.starts_with(b"trusted."))
-        {
-            names.extend_from_slice(&x.name);
-            names.push(0);
-        }
-        Ok(names)
-    }
-}
-
-/// The answer to a read: a range of one cached block, or bytes assembled for it.
-enum ReadData<'a> {
-    Block(BlockData, std::ops::Range<usize>),
-    Assembled(&'a [u8]),
-}
-
-impl ReadData<'_> {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            ReadData::Block(block, range) => &block.bytes().unwrap_or_default()[range.clone()],
-            ReadData::Assembled(v) => v,
-        }
-    }
-}
-
-thread_local! {
-    /// Where each request thread assembles reads that span blocks. The kernel reads up to
-    /// 1 MiB at a time; a fresh buffer per read was a fresh mmap, and page faults on all of
-    /// it, for every request of a sequential reader.
-    static ASSEMBLY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Answer an xattr request the way getxattr(2) and listxattr(2) expect: the size when
-/// asked with size 0, ERANGE when the value does not fit, else the value.
-fn reply_xattr(reply: ReplyXattr, size: u32, value: Result<Vec<u8>, Errno>) {
-    match value {
-        Err(e) => reply.error(e),
-        Ok(v) if size == 0 => reply.size(v.len() as u32),
-        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
-        Ok(v) => reply.data(&v),
-    }
-}
-
-/// The negative entry: node 0 tells the kernel the name does not exist, and the TTL lets
-/// it remember that.
-fn negative_entry() -> FileAttr {
-    let mut attr = bare_dir_attr(0);
-    attr.kind = fuser::FileType::RegularFile;
-    attr
-}
-
-impl Filesystem for ArchiveFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        for cap in [
-            InitFlags::FUSE_ASYNC_READ,
-            InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
-            InitFlags::FUSE_CACHE_SYMLINKS,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_MAX_PAGES,
-        ] {
-            if config.add_capabilities(cap).is_err() {
-                tracing::debug!("the kernel does not offer {cap:?}");
-            }
-        }
-        // As much read-ahead as the kernel allows.
-        if let Err(max) = config.set_max_readahead(u32::MAX) {
-            let _ = config.set_max_readahead(max);
-        }
-        let _ = config.set_max_background(MAX_BACKGROUND);
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.serve("lookup", || {
-            match self.lookup_entry(parent, name.as_bytes()) {
-                Ok(Some((attr, attr_ttl))) => {
-                    reply.entry_with_ttls(&attr_ttl, &CACHE_TTL, &attr, Generation(0))
-                }
-                Ok(None) => reply.entry(&CACHE_TTL, &negative_entry(), Generation(0)),
-                Err(e) => reply.error(e),
-            }
-        })
-    }
-
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.serve("forget", || self.nodes.forget(ino.0, nlookup))
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.serve("getattr", || {
-            match self
-                .inode_of("getattr", ino)
-                .and_then(|i| self.attr("getattr", &i))
-            {
-                Ok(attr) => reply.attr(&self.attr_ttl, &attr),
-                Err(e) => reply.error(e),
-            }
-        })
-    }
-
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.serve("readlink", || match self.inode_of("readlink", ino) {
-            Ok(inode) => match inode.symlink_target() {
-                Some(target) => reply.data(target),
-                None => reply.error(Errno::EINVAL),
-            },
-            Err(e) => reply.error(e),
-        })
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if self.opens == Opens::Unasked {
-            // The mount is read-only, so the kernel itself refuses opens for writing.
-            return self.serve("open", || reply.error(Errno::ENOSYS));
-        }
-        self.serve("open", || match self.open_file(ino, flags) {
-            Ok(fh) => {
-                self.activity.opened();
-                // Nothing is ever written, so close need not wait for a flush round trip.
-                reply.opened(
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-                )
-            }
-            Err(e) => reply.error(e),
-        })
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        self.serve("read", || {
-            ASSEMBLY.with_borrow_mut(|assembly| {
-                match self.read_file(ino, fh, offset, size, assembly) {
-                    Ok((data, inode)) => {
-                        reply.data(data.bytes());
-                        // After the reply: the reader goes on while siblings are pushed.
-                        self.pusher.after_read(ino.0, &inode);
-                    }
-                    Err(e) => reply.error(e),
-                }
-            })
-        })
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        self.serve("release", || {
-            if self.files.remove(fh.0) {
-                self.activity.released();
-            }
-            reply.ok()
-        })
-    }
-
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if self.opens == Opens::Unasked {
-            return self.serve("opendir", || reply.error(Errno::ENOSYS));
-        }
-        self.serve("opendir", || match self.open_dir(ino) {
-            Ok(fh) => {
-                self.activity.opened();
-                reply.opened(
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-                )
-            }
-            Err(e) => reply.error(e),
-        })
-    }
-
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        self.serve("readdir", || {
-            match self.fill_dir(ino, fh, offset, &mut reply) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
-        })
-    }
-
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        self.serve("readdirplus", || {
-            match self.fill_dir_plus(ino, fh, offset, &mut reply) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
-        })
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        self.serve("releasedir", || {
-            if self.dirs.remove(fh.0) {
-                self.activity.released();
-            }
-            reply.ok()
-        })
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.serve("statfs", || {
-            let s = self.archive.statfs();
-            // Nothing is free on a read-only image; f_frsize is f_bsize, as the kernel
-            // fills it in for squashfs.
-            reply.statfs(
-                s.blocks,
-                0,
-                0,
-                s.files,
-                0,
-                s.block_size,
-                s.name_max,
-                s.block_size,
-            )
-        })
-    }
-
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        self.serve("getxattr", || {
-            reply_xattr(reply, size, self.xattr_value(ino, name.as_bytes()))
-        })
-    }
-
-    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let uid = req.uid();
-        self.serve("listxattr", || {
-            reply_xattr(reply, size, self.xattr_names(ino, uid))
-        })
-    }
-
-    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // Called only without default_permissions, where mode bits are not enforced; the
-        // kernel refuses W_OK on the read-only mount itself.
-        self.serve("access", || reply.ok())
-    }
-
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        // Nothing is ever written. Files opened without asking (Opens::Unasked) lack
-        // FOPEN_NOFLUSH, so the kernel would flush at every close; ENOSYS tells it to stop.
-        self.serve("flush", || reply.error(Errno::ENOSYS))
-    }
-
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        self.serve("fsync", || reply.ok())
-    }
-
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        self.serve("fsyncdir", || reply.ok())
-    }
-
-    // The kernel falls back to its own behaviour for these, as on the squashfs driver,
-    // which implements none of them.
-    fn lseek(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: i64,
-        _whence: i32,
-        reply: ReplyLseek,
-    ) {
-        self.serve("lseek", || reply.error(Errno::ENOSYS))
-    }
-
-    fn poll(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _ph: PollNotifier,
-        _events: PollEvents,
-        _flags: PollFlags,
-        reply: ReplyPoll,
-    ) {
-        self.serve("poll", || reply.error(Errno::ENOSYS))
-    }
-
-    fn ioctl(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
-        reply: ReplyIoctl,
-    ) {
-        self.serve("ioctl", || reply.error(Errno::ENOTTY))
-    }
-
-    // Everything that would change the image answers EROFS.
-
-    fn setattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        self.serve("setattr", || reply.error(Errno::EROFS))
-    }
-
-    fn mknod(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        self.serve("mknod", || reply.error(Errno::EROFS))
-    }
-
-    fn mkdir(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        self.serve("mkdir", || reply.error(Errno::EROFS))
-    }
-
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        self.serve("unlink", || reply.error(Errno::EROFS))
-    }
-
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        self.serve("rmdir", || reply.error(Errno::EROFS))
-    }
-
-    fn symlink(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &std::path::Path,
-        reply: ReplyEntry,
-    ) {
-        self.serve("symlink", || reply.error(Errno::EROFS))
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        self.serve("rename", || reply.error(Errno::EROFS))
-    }
-
-    fn link(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        self.serve("link", || reply.error(Errno::EROFS))
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        self.serve("write", || reply.error(Errno::EROFS))
-    }
-
-    fn create(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: ReplyCreate,
-    ) {
-        self.serve("create", || reply.error(Errno::EROFS))
-    }
-
-    fn setxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        self.serve("setxattr", || reply.error(Errno::EROFS))
-    }
-
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        self.serve("removexattr", || reply.error(Errno::EROFS))
-    }
-
-    fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        self.serve("fallocate", || reply.error(Errno::EROFS))
-    }
-
-    fn copy_file_range(
-        &self,
-        _req: &Request,
-        _ino_in: INodeNo,
-        _fh_in: FileHandle,
-        _offset_in: u64,
-        _ino_out: INodeNo,
-        _fh_out: FileHandle,
-        _offset_out: u64,
-        _len: u64,
-        _flags: CopyFileRangeFlags,
-        reply: ReplyWrite,
-    ) {
-        self.serve("copy_file_range", || reply.error(Errno::EROFS))
+        self.archive
+            .xattr_names(&inode, |name| uid == 0 || !name.starts_with(b"trusted."))
+            .map_err(|e| log_failure("listxattr", &e))
     }
 }
 
@@ -1077,31 +574,40 @@ mod tests {
     }
 
     #[test]
-    fn slots_number_dot_dotdot_then_entries() {
-        let dir = Listing::new(
-            crate::archive::InodeRef(0x40),
-            10,
-            20,
-            vec![DirEntry {
-                name: b"a".to_vec(),
-                iref: crate::archive::InodeRef(0x30),
-                inode_number: 3,
-                kind: FileKind::File,
-            }],
-        );
+    fn dots_come_first_and_the_listing_follows() {
+        let p =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny/tiny-raw.sqfs");
+        let a = Archive::open(Arc::new(std::fs::read(p).unwrap()), 1 << 20).unwrap();
+        let dir = a.resolve(b"dir").unwrap();
+        let parent = dir.as_dir().unwrap().parent;
+        let mut seen = Vec::new();
+        let from = ArchiveFs::add_dots(&dir, 0, |ino, off, name| {
+            seen.push((ino, off, name.to_vec()));
+            false
+        });
+        assert_eq!(from, Some(0));
         assert_eq!(
-            ArchiveFs::dir_slot(&dir, 0),
-            Some((10, FileKind::Directory, &b"."[..]))
+            seen,
+            vec![
+                (u64::from(dir.number), 1, b".".to_vec()),
+                (u64::from(parent), LISTING_BASE, b"..".to_vec())
+            ]
         );
+        // Resuming after `.` gives `..`; after `..` or later, only the listing.
+        seen.clear();
         assert_eq!(
-            ArchiveFs::dir_slot(&dir, 1),
-            Some((20, FileKind::Directory, &b".."[..]))
+            ArchiveFs::add_dots(&dir, 1, |ino, off, name| {
+                seen.push((ino, off, name.to_vec()));
+                false
+            }),
+            Some(0)
         );
+        assert_eq!(seen.len(), 1);
         assert_eq!(
-            ArchiveFs::dir_slot(&dir, 2),
-            Some((3, FileKind::File, &b"a"[..]))
+            ArchiveFs::add_dots(&dir, 40, |_, _, _| panic!("no dots")),
+            Some(38)
         );
-        assert_eq!(ArchiveFs::dir_slot(&dir, 3), None);
-        assert_eq!(ArchiveFs::dir_slot(&dir, u64::MAX), None);
+        // A full reply stops at once.
+        assert_eq!(ArchiveFs::add_dots(&dir, 0, |_, _, _| true), None);
     }
 }

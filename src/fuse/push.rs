@@ -5,9 +5,11 @@
 //! reads a directory's files one after another. Every read of a small file that reaches the
 //! server is a round trip, mostly spent waking threads: in a cold `tar` of a Python-like
 //! tree both cores sat idle 40% of the time. When a read brings in a fragment block, the
-//! other files of the directory that lie wholly in that block are already decompressed, so
-//! a worker copies them into the page cache (FUSE_NOTIFY_STORE), and reading them never
-//! asks the server. A walk that reads no file pushes nothing.
+//! files that follow in the inode table and lie wholly in that block are already
+//! decompressed, so a worker copies them into the page cache (FUSE_NOTIFY_STORE), and
+//! reading them never asks the server. A walk that reads no file pushes nothing. The
+//! archive finds those files (a bounded scan of the inodes that follow); the kernel refuses
+//! a push to a node it does not hold, which fuser ignores.
 //!
 //! The worker is never a request thread: a store waits for the page locks that a read in
 //! flight holds, and only a request thread can answer that read. Jobs that find the queue
@@ -20,37 +22,34 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use fuser::{INodeNo, Notifier};
 
-use crate::archive::{Archive, FileKind, Inode, InodeRef};
+use crate::archive::{Archive, Inode, InodeRef};
 
-use super::listings::Listings;
 use super::nodes::NodeTable;
 
 /// Jobs waiting for the worker, at most.
 const QUEUE: usize = 32;
-/// (directory, fragment) pairs remembered as pushed; past this the memory starts over, and
-/// at worst a few files are pushed twice.
-const REMEMBERED: usize = 1 << 16;
+/// Fragment blocks remembered as pushed; past this the memory starts over, and at worst a
+/// few files are pushed twice.
+const REMEMBERED: usize = 4096;
 
-/// Push the files of directory `dir` that lie wholly in fragment block `fragment`, but the
-/// one numbered `skip`, which the kernel is reading itself.
+/// Push the files after `after` in the inode table that lie wholly in fragment block
+/// `fragment` (the kernel is reading `after` itself).
 struct Job {
-    dir: InodeRef,
+    after: InodeRef,
     fragment: u32,
-    skip: u32,
 }
 
 /// What the worker needs, shared with the request threads.
 struct Shared {
     archive: Arc<Archive>,
     nodes: Arc<NodeTable>,
-    listings: Arc<Listings>,
     notifier: OnceLock<Notifier>,
 }
 
 /// The pusher of one mount.
 pub struct Pusher {
     shared: Arc<Shared>,
-    pushed: Mutex<HashSet<(InodeRef, u32)>>,
+    pushed: Mutex<HashSet<u32>>,
     /// Started at the first job, from a request thread, so that the worker inherits its
     /// blocked exit signals and is not lost in the daemon's fork.
     queue: OnceLock<Option<SyncSender<Job>>>,
@@ -65,12 +64,11 @@ impl std::fmt::Debug for Pusher {
 }
 
 impl Pusher {
-    pub fn new(archive: Arc<Archive>, nodes: Arc<NodeTable>, listings: Arc<Listings>) -> Self {
+    pub fn new(archive: Arc<Archive>, nodes: Arc<NodeTable>) -> Self {
         Pusher {
             shared: Arc::new(Shared {
                 archive,
                 nodes,
-                listings,
                 notifier: OnceLock::new(),
             }),
             pushed: Mutex::new(HashSet::new()),
@@ -83,16 +81,12 @@ impl Pusher {
         let _ = self.shared.notifier.set(notifier);
     }
 
-    /// The kernel read `inode` (node `node`): queue its siblings in the same fragment.
-    pub fn after_read(&self, node: u64, inode: &Inode) {
+    /// The kernel read `inode`: queue the files that share its fragment block.
+    pub fn after_read(&self, inode: &Inode) {
         if self.shared.notifier.get().is_none() {
             return;
         }
-        let Some(file) = inode.as_file() else { return };
-        let Some(fragment) = file.fragment.filter(|_| file.block_sizes.is_empty()) else {
-            return;
-        };
-        let Some(dir) = self.shared.nodes.parent(node) else {
+        let Some(fragment) = inode.as_file().and_then(Archive::whole_in_fragment) else {
             return;
         };
         {
@@ -100,16 +94,15 @@ impl Pusher {
             if pushed.len() >= REMEMBERED {
                 pushed.clear();
             }
-            if !pushed.insert((dir, fragment.index)) {
+            if !pushed.insert(fragment) {
                 return;
             }
         }
         if let Some(queue) = self.queue() {
             // A full queue drops the job: the files are read the usual way.
             let _ = queue.try_send(Job {
-                dir,
-                fragment: fragment.index,
-                skip: inode.number,
+                after: inode.iref,
+                fragment,
             });
         }
     }
@@ -146,33 +139,18 @@ fn push(shared: &Shared, job: &Job) -> crate::Result<()> {
     let Some(notifier) = shared.notifier.get() else {
         return Ok(());
     };
-    let archive = &shared.archive;
-    let listing = shared.listings.of(archive, &archive.inode(job.dir)?)?;
-    for entry in &listing.entries {
-        if entry.kind != FileKind::File || entry.inode_number == job.skip {
-            continue;
-        }
-        let inode = archive.inode(entry.iref)?;
-        let Some(file) = inode.as_file() else {
-            continue;
-        };
-        let whole_in_fragment = file.block_sizes.is_empty()
-            && file.fragment.is_some_and(|f| f.index == job.fragment)
-            && file.file_size > 0;
-        if !whole_in_fragment {
-            continue;
-        }
-        let block = archive.file_block(file, 0)?;
-        let Some(bytes) = block.bytes() else {
-            continue;
-        };
-        let node = INodeNo(shared.nodes.node_id(inode.number));
-        // A node the kernel does not hold is refused (and ignored by fuser); any other
-        // refusal (the mount is going away) ends the job.
-        if let Err(e) = notifier.store(node, 0, bytes) {
-            tracing::debug!("push of inode {}: {e}", inode.number);
-            break;
-        }
-    }
-    Ok(())
+    shared
+        .archive
+        .files_in_fragment_after(job.after, job.fragment, |inode, bytes| {
+            let node = INodeNo(shared.nodes.node_id(inode.number));
+            // fuser ignores the kernel's refusal of a node it does not hold; any other
+            // refusal (the mount is going away) ends the job.
+            match notifier.store(node, 0, bytes) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!("push of inode {}: {e}", inode.number);
+                    false
+                }
+            }
+        })
 }

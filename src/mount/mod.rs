@@ -25,7 +25,7 @@ use std::time::Duration;
 use fuser::{BackgroundSession, Session, SessionACL};
 
 use crate::archive::{Archive, FileKind, Inode};
-use crate::fuse::access::{Callers, Gated};
+use crate::fuse::access::Callers;
 use crate::fuse::activity::Activity;
 use crate::fuse::{ArchiveFs, Opens};
 use crate::image::{self, ImageSpec};
@@ -108,7 +108,7 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
 
 /// A live FUSE session on a mounted file system, not yet serving.
 struct Mounted {
-    session: Session<Gated<ArchiveFs>>,
+    session: Session<ArchiveFs>,
     attachment: Attachment,
     activity: Arc<Activity>,
     root_number: u32,
@@ -130,6 +130,7 @@ fn prepare(
         offset: opts.offset,
         partition: opts.partition.clone(),
         cache: opts.chunk_cache.clone(),
+        store: None,
     };
     let img = image::open(&spec, opts.cache_bytes())?;
     let root = served_root(&img.archive, opts.subdir.as_deref())?;
@@ -156,6 +157,7 @@ fn prepare(
         None => Opens::Unasked,
     };
     let mut fs = ArchiveFs::new(img.archive, root, owners, opens, activity.clone())?;
+    fs.admit_only(callers);
     if server_decides {
         fs.revalidate_every_access();
     }
@@ -187,7 +189,7 @@ fn prepare(
             source,
         })?;
 
-    // Callers are checked by Gated, against the mount's owner (the real uid, which the
+    // Callers are checked by the adapter, against the mount's owner (the real uid, which the
     // kernel was given); fuser's own check would compare with the effective one.
     let acl = SessionACL::All;
     let mut config = fuser::Config::default();
@@ -195,7 +197,7 @@ fn prepare(
     config.n_threads = Some(opts.thread_count());
     config.clone_fd = true;
     let pusher = fs.pusher();
-    let session = Session::from_fd(Gated::new(fs, callers), fd, acl, config).map_err(|source| {
+    let session = Session::from_fd(fs, fd, acl, config).map_err(|source| {
         undo(sys, &attachment);
         MountError::Handshake {
             path: mountpoint.clone(),
@@ -390,7 +392,7 @@ fn serve(
 
 /// Everything between a handshaken session and a mount reported live.
 fn start_serving(
-    session: Session<Gated<ArchiveFs>>,
+    session: Session<ArchiveFs>,
     opts: &MountOptions,
     sys: &Arc<dyn MountSyscalls>,
     attachment: &Arc<Attachment>,

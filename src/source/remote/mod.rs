@@ -13,15 +13,95 @@
 //!
 //! An object is always read at the version first seen: a store that finds another version
 //! answers [`RemoteError::Changed`], and nothing of two versions is ever mixed.
+//!
+//! [`open_store`] makes the store a URL names: [`http::HttpStore`] for `http(s)://`,
+//! [`s3::S3Store`] for `s3://BUCKET/KEY`, [`oci::OciStore`] for `oras://…`.
 
 pub mod chunks;
+mod client;
+pub mod credentials;
+pub mod http;
+pub mod oci;
+pub mod retry;
+pub mod s3;
+pub mod sigv4;
 pub mod source;
+pub mod url;
 
 pub use chunks::{default_cache_dir, parse_size, CacheError, CacheSettings, ChunkCache};
 pub use source::{RemoteConfig, RemoteSource};
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use credentials::Environment;
+pub use retry::RetryPolicy;
+pub use url::{is_remote, RemoteUrl};
+
+/// How the stores talk to servers: what the CLI's options set.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Longest wait to resolve a host and connect (TLS included).
+    pub connect_timeout: Duration,
+    /// Longest silence from a server: until the answer's headers, and between any two
+    /// reads of its body. A stalled transfer ends after this.
+    pub idle_timeout: Duration,
+    /// Longest one request may take, from connecting to the last byte.
+    pub request_timeout: Duration,
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+    /// `--registry-auth FILE`: the docker-style config holding registry credentials,
+    /// instead of `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
+    pub registry_auth: Option<PathBuf>,
+    /// `--no-https`: talk to registries (and token services) over plain HTTP.
+    pub allow_http: bool,
+    pub user_agent: String,
+    /// Longest wait for a `docker-credential-*` helper.
+    pub credential_helper_timeout: Duration,
+    /// Connections kept open to one host, for parallel reads.
+    pub max_connections: usize,
+    /// The CA certificates (PEM) TLS trusts. `None`: `SSL_CERT_FILE`, else the system's
+    /// bundle, else Mozilla's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Where credentials and S3 settings come from.
+    pub env: Environment,
+}
+
+impl StoreConfig {
+    /// The defaults, with credentials and S3 settings taken from `env`.
+    pub fn new(env: Environment) -> Self {
+        StoreConfig {
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(120),
+            retry: RetryPolicy::default(),
+            registry_auth: None,
+            allow_http: false,
+            user_agent: concat!("sifuse/", env!("CARGO_PKG_VERSION")).into(),
+            credential_helper_timeout: Duration::from_secs(10),
+            max_connections: 8,
+            ca_file: None,
+            env,
+        }
+    }
+
+    /// The defaults, with the process's environment.
+    pub fn from_process_env() -> Self {
+        StoreConfig::new(Environment::from_process())
+    }
+}
+
+/// The store of the object `url` names. Nothing is sent yet (credential helpers aside);
+/// [`ObjectStore::version`] makes the first request.
+pub fn open_store(url: &str, config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, RemoteError> {
+    Ok(match RemoteUrl::parse(url)? {
+        RemoteUrl::Http(u) => Arc::new(http::HttpStore::new(u, config)?),
+        RemoteUrl::S3(l) => Arc::new(s3::S3Store::new(l, config)?),
+        RemoteUrl::Oras(l) => Arc::new(oci::OciStore::new(l, config)?),
+    })
+}
 
 /// One version of a remote object: its length and a validator that changes whenever its
 /// bytes do (an ETag, a `Last-Modified` date, or a content digest such as `sha256:…`).
@@ -63,6 +143,14 @@ impl From<RemoteError> for std::io::Error {
 pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// The object's address for messages, without credentials.
     fn describe(&self) -> String;
+
+    /// A name that differs whenever the address does, for keying caches: two objects never
+    /// share one, although [`describe`](ObjectStore::describe) may hide what tells them
+    /// apart (an HTTP query, which can hold a signature). Never shown to users; holds no
+    /// credentials. By default, the description.
+    fn identity(&self) -> String {
+        self.describe()
+    }
 
     /// The object's current version (one request).
     fn version(&self) -> Result<ObjectVersion, RemoteError>;
