@@ -294,11 +294,9 @@ fn compressed_bytes_read(image: &Path, mnt: &Path) -> (u64, u64) {
     for path in String::from_utf8(out.stdout).unwrap().lines() {
         let inode = a.resolve(path.as_bytes()).unwrap();
         let file = inode.as_file().unwrap();
-        bytes += file
-            .block_sizes
-            .iter()
-            .map(|w| (w & 0x00ff_ffff) as u64)
-            .sum::<u64>();
+        for i in 0..file.block_count {
+            bytes += a.block_location(file, i).unwrap().disk_len() as u64;
+        }
         if let Some(f) = &file.fragment {
             fragments.insert(f.index);
         }
