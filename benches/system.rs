@@ -206,11 +206,20 @@ impl Mount {
 
     /// Peak resident set of the FUSE server so far, in KiB.
     fn peak_rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Resident set of the FUSE server now, in KiB.
+    fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> Option<u64> {
         let pid = self.child.as_ref()?.id();
         let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
@@ -249,6 +258,8 @@ fn random_reads(path: &Path, count: usize) -> Duration {
 struct Results {
     times: BTreeMap<(usize, Server), Vec<f64>>,
     rss: BTreeMap<(usize, Server), u64>,
+    /// Resident set (KiB) of a server idle for [`IDLE`], per round.
+    idle_rss: BTreeMap<Server, Vec<u64>>,
 }
 
 impl Results {
@@ -271,7 +282,7 @@ impl Results {
     }
 }
 
-const WORKLOADS: [(&str, &str); 9] = [
+const WORKLOADS: [(&str, &str); 11] = [
     ("mount", "mount latency, 100k-entry image"),
     (
         "mount-exe",
@@ -284,7 +295,14 @@ const WORKLOADS: [(&str, &str); 9] = [
     ("parallel", "two parallel readers, cold"),
     ("seq", "cold sequential read, 1 GiB file"),
     ("random", "random 4 KiB reads (2000), cold"),
+    ("many", "eight mounts, a tar of each at once, cold"),
+    ("idle", "a mount idle 35 s after a tree read"),
 ];
+
+/// Mounts in the node-scale workload.
+const MANY: usize = 8;
+/// How long the idle workload leaves the mount alone before reading its RSS.
+const IDLE: Duration = Duration::from_secs(35);
 
 fn wanted(key: &str) -> bool {
     match std::env::var("SIFUSE_BENCH_ONLY") {
@@ -313,6 +331,27 @@ fn halves(mnt: &Path) -> (String, String) {
     // The standard library goes with the second half, which has one package fewer.
     b.push("usr/lib/python3.12/std*".into());
     (a.join(" "), b.join(" "))
+}
+
+/// Mount the tree [`MANY`] times with one server, drop every cache, and run a tar of each
+/// mount at once: the time they take together and the servers' peak RSS summed (KiB).
+fn many_mounts(server: Server, img: &Path, dir: &Path) -> (Duration, u64) {
+    let mounts: Vec<Mount> = (0..MANY)
+        .map(|i| Mount::new(server, img, &dir.join(format!("mnt-many-{i}"))).0)
+        .collect();
+    drop_caches();
+    prefault_memory();
+    let mut script = String::new();
+    for m in &mounts {
+        script += &format!("tar cf - -C {} . | cat > /dev/null & ", m.dir.display());
+    }
+    script += "wait";
+    let t = timed_sh(dir, &script);
+    let rss = mounts.iter().filter_map(Mount::peak_rss_kib).sum();
+    for m in mounts {
+        m.unmount();
+    }
+    (t, rss)
 }
 
 fn main() {
@@ -356,6 +395,9 @@ fn main() {
                 continue;
             }
             for s in Server::ALL {
+                if *key == "idle" && s == Server::Kernel {
+                    continue;
+                }
                 let img = match *key {
                     "mount" | "mount-exe" => &imgs.many,
                     "mount-small" | "seq" | "random" => &imgs.big,
@@ -366,6 +408,17 @@ fn main() {
                     // The image stays cold; only the programs that mount are loaded (the
                     // sifuse binary is 3 MiB of code, squashfuse_ll 43 KiB plus libraries).
                     warm_executables(s);
+                }
+                if *key == "many" {
+                    let (t, rss) = many_mounts(s, img, &dir);
+                    eprintln!(
+                        "  {key:<12} {:<14} {:.3} s, summed peak RSS {:.1} MiB",
+                        s.name(),
+                        t.as_secs_f64(),
+                        rss as f64 / 1024.0
+                    );
+                    res.add(w, s, t, (s != Server::Kernel).then_some(rss));
+                    continue;
                 }
                 let (m, mount_time) = Mount::new(s, img, &mnt);
                 let t = match *key {
@@ -398,6 +451,19 @@ fn main() {
                             ),
                             "seq" => timed_sh(&m.dir, "cat big.bin > /dev/null"),
                             "random" => random_reads(&m.dir.join("big.bin"), 2000),
+                            "idle" => {
+                                let t = timed_sh(&m.dir, "tar cf - . | cat > /dev/null");
+                                std::thread::sleep(IDLE);
+                                if let Some(kib) = m.rss_kib() {
+                                    eprintln!(
+                                        "  {key:<12} {:<14} RSS {:.1} MiB after {IDLE:?} idle",
+                                        s.name(),
+                                        kib as f64 / 1024.0
+                                    );
+                                    res.idle_rss.entry(s).or_default().push(kib);
+                                }
+                                t
+                            }
                             _ => unreachable!(),
                         }
                     }
@@ -426,7 +492,10 @@ fn main() {
     table += "| workload | sifuse | squashfuse_ll | kernel | sifuse / squashfuse_ll \
               | sifuse / kernel | sifuse peak RSS | squashfuse_ll peak RSS |\n";
     table += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
-    for (w, (_, label)) in WORKLOADS.iter().enumerate() {
+    for (w, (key, label)) in WORKLOADS.iter().enumerate() {
+        if *key == "idle" {
+            continue;
+        }
         let [a, b, c] = Server::ALL.map(|s| res.median(w, s));
         let Some(a) = a else { continue };
         let (b, c) = (b.unwrap(), c.unwrap());
@@ -441,6 +510,30 @@ fn main() {
             a / c,
             mib(Server::Sifuse),
             mib(Server::Squashfuse)
+        );
+    }
+    if !res.idle_rss.is_empty() {
+        table += &format!(
+            "\nResident set of a mount left idle for {} s after a cold tree read (median over \
+             rounds): ",
+            IDLE.as_secs()
+        );
+        let idle: Vec<String> = res
+            .idle_rss
+            .iter()
+            .map(|(s, v)| {
+                let mut v = v.clone();
+                v.sort_unstable();
+                format!("{} {:.1} MiB", s.name(), v[v.len() / 2] as f64 / 1024.0)
+            })
+            .collect();
+        table += &idle.join(", ");
+        table += ".\n";
+    }
+    if res.rss.contains_key(&(9, Server::Sifuse)) {
+        table += &format!(
+            "\nFor \"{}\", peak RSS is summed over the {MANY} servers.\n",
+            WORKLOADS[9].1
         );
     }
     println!("{table}");

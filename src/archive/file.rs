@@ -308,3 +308,40 @@ impl Archive {
         Ok(())
     }
 }
+
+impl Archive {
+    /// Forget the data blocks of `file` that a read of `[offset, offset + len)` delivered
+    /// to its last byte. The kernel keeps what it was sent in its page cache (keep-cache),
+    /// so a block read to its end will not be asked for again unless the kernel lets the
+    /// page go: holding it here as well only doubles the memory. A reader that reads a
+    /// block's end before its start pays one decompression more.
+    pub fn release_delivered(&self, file: &FileInfo, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let bs = u64::from(self.sb.block_size);
+        let end = offset.saturating_add(len).min(file.file_size);
+        let first = offset / bs;
+        for index in first..end.div_ceil(bs).min(file.block_count) {
+            let block_end = ((index + 1) * bs).min(file.file_size);
+            if block_end <= end && block_end > offset {
+                if let Ok(at) = self.block_location(file, index) {
+                    self.cache.remove(&CacheKey::Block {
+                        kind: BlockKind::Data,
+                        offset: at.offset,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Forget fragment block `index` (its files were all pushed to the kernel).
+    pub fn release_fragment(&self, index: u32) {
+        if let Ok((pos, _)) = self.fragment_entry(index) {
+            self.cache.remove(&CacheKey::Block {
+                kind: BlockKind::Fragment,
+                offset: pos,
+            });
+        }
+    }
+}

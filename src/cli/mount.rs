@@ -31,7 +31,9 @@ a backslash escapes a comma inside a value):
   suid, dev              honour set-id bits and device files (default: nosuid, nodev)
   timeout=N              unmount after N seconds without requests and with nothing open
   notify_pipe=FIFO       write 's' to FIFO once the mount is live, 'f' if mounting failed
-  cache_size=MiB         decompressed block cache (default: 64)
+  cache_size=MiB         memory budget: an upper bound, not a reservation (default: 64)
+  idle_release=N         give memory back after N seconds without requests (default:
+                           30; 0 never)
   threads=N              request threads (also max_threads=N)
   fsname=NAME            mount source shown in mountinfo (default: the image path)
   subtype=NAME           mountinfo shows the type as fuse.NAME (default: sifuse)

@@ -22,13 +22,6 @@ use super::{ArchiveFs, Opens, CACHE_TTL};
 /// Background requests (mostly read-ahead) the kernel may have in flight at once.
 const MAX_BACKGROUND: u16 = 64;
 
-thread_local! {
-    /// Where each request thread assembles reads that span blocks. The kernel reads up to
-    /// 1 MiB at a time; a fresh buffer per read was a fresh mmap, and page faults on all of
-    /// it, for every request of a sequential reader.
-    static ASSEMBLY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// The negative entry: node 0 tells the kernel the name does not exist, and the TTL lets
 /// it remember that.
 fn negative_entry() -> FileAttr {
@@ -168,16 +161,18 @@ impl Filesystem for ArchiveFs {
         reply: ReplyData,
     ) {
         self.serve("read", || {
-            ASSEMBLY.with_borrow_mut(|assembly| {
-                match self.read_file(ino, fh, offset, size, assembly) {
-                    Ok((bytes, inode)) => {
-                        reply.data(bytes.bytes());
-                        // After the reply: the reader goes on while neighbours are pushed.
-                        self.pusher.after_read(&inode);
-                    }
-                    Err(e) => reply.error(e),
+            let mut assembly = super::buffers::assembly_buffer();
+            match self.read_file(ino, fh, offset, size, &mut assembly) {
+                Ok((bytes, inode)) => {
+                    let sent = bytes.bytes().len() as u64;
+                    reply.data(bytes.bytes());
+                    // After the reply: the reader goes on while neighbours are pushed and
+                    // what the kernel now holds is let go.
+                    self.after_read(&inode, offset, sent);
                 }
-            })
+                Err(e) => reply.error(e),
+            }
+            super::buffers::return_assembly_buffer(assembly);
         })
     }
 

@@ -15,11 +15,13 @@
 pub mod access;
 pub mod activity;
 pub mod attr;
+mod buffers;
 mod dispatch;
 pub mod handles;
 pub mod nodes;
 pub mod owners;
 pub mod push;
+pub mod release;
 pub mod streams;
 
 use std::ffi::OsStr;
@@ -43,6 +45,7 @@ use handles::{HandleTable, OpenFile};
 use nodes::{Handed, NodeTable};
 use owners::Owners;
 use push::Pusher;
+use release::IdleRelease;
 use streams::Streams;
 
 /// How long the kernel may trust entries and attributes: the image never changes, so in
@@ -84,7 +87,7 @@ pub struct ArchiveFs {
     readahead: ReadAhead,
     root: Arc<Inode>,
     nodes: Arc<NodeTable>,
-    streams: Streams,
+    streams: Arc<Streams>,
     opens: Opens,
     files: HandleTable<OpenFile>,
     dirs: HandleTable<Inode>,
@@ -96,6 +99,7 @@ pub struct ArchiveFs {
     /// How long the kernel may keep attributes: [`CACHE_TTL`], or zero under
     /// [`ArchiveFs::revalidate_every_access`].
     attr_ttl: Duration,
+    idle_release: IdleRelease,
 }
 
 impl std::fmt::Debug for ArchiveFs {
@@ -159,7 +163,7 @@ impl ArchiveFs {
         Ok(ArchiveFs {
             pusher: Arc::new(Pusher::new(archive.clone(), nodes.clone())),
             nodes,
-            streams: Streams::default(),
+            streams: Arc::default(),
             readahead: ReadAhead::new(archive.clone(), workers),
             archive,
             root: Arc::new(root),
@@ -170,7 +174,14 @@ impl ArchiveFs {
             activity,
             callers: Callers::Anyone,
             attr_ttl: CACHE_TTL,
+            idle_release: IdleRelease::new(Some(release::DEFAULT_IDLE_RELEASE)),
         })
+    }
+
+    /// Give memory back after `after` without a request (`None`: never); the default is
+    /// [`release::DEFAULT_IDLE_RELEASE`].
+    pub fn release_when_idle(&mut self, after: Option<Duration>) {
+        self.idle_release = IdleRelease::new(after);
     }
 
     /// Answer only `callers`; every other caller's request is refused with EACCES.
@@ -191,18 +202,15 @@ impl ArchiveFs {
         self.pusher.clone()
     }
 
-    /// Give back what the server keeps for speed alone (cached blocks, read-ahead state):
-    /// called when the mount has been idle a while. The next requests read it again.
-    pub fn release_memory(&self) {
-        self.archive.drop_caches();
-        self.streams.clear();
-        crate::cache::release_spare_buffers();
-    }
-
     /// Run one request. A panic inside `handle` is logged and the reply it owned, dropped
     /// while unwinding, answers EIO.
     fn serve(&self, op: &'static str, handle: impl FnOnce()) {
         self.activity.touch();
+        self.idle_release.start(|| release::Held {
+            archive: self.archive.clone(),
+            streams: self.streams.clone(),
+            activity: self.activity.clone(),
+        });
         if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(handle)) {
             tracing::error!(
                 "{op}: request failed with a panic: {}; answered EIO",
@@ -388,6 +396,15 @@ impl ArchiveFs {
             .read_range(file, offset, size as usize, assembly)
             .map_err(|e| log_failure("read", &e))?;
         Ok((bytes, inode))
+    }
+
+    /// After a read of `len` bytes at `offset` of `inode` was answered: push the files that
+    /// share its fragment block, and let go of the blocks the kernel now holds.
+    fn after_read(&self, inode: &Inode, offset: u64, len: u64) {
+        self.pusher.after_read(inode);
+        if let Some(file) = inode.as_file() {
+            self.archive.release_delivered(file, offset, len);
+        }
     }
 
     /// Add `.` and `..` to a listing that starts at `offset`, through `add` (which answers

@@ -139,6 +139,7 @@ fn push(shared: &Shared, job: &Job) -> crate::Result<()> {
     let Some(notifier) = shared.notifier.get() else {
         return Ok(());
     };
+    let mut complete = true;
     shared
         .archive
         .files_in_fragment_after(job.after, job.fragment, |inode, bytes| {
@@ -149,8 +150,14 @@ fn push(shared: &Shared, job: &Job) -> crate::Result<()> {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::debug!("push of inode {}: {e}", inode.number);
+                    complete = false;
                     false
                 }
             }
-        })
+        })?;
+    // Its files are in the page cache now: the block need not stay in memory here too.
+    if complete {
+        shared.archive.release_fragment(job.fragment);
+    }
+    Ok(())
 }

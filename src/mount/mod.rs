@@ -158,6 +158,7 @@ fn prepare(
     };
     let mut fs = ArchiveFs::new(img.archive, root, owners, opens, activity.clone())?;
     fs.admit_only(callers);
+    fs.release_when_idle(opts.idle_release());
     if server_decides {
         fs.revalidate_every_access();
     }

@@ -73,8 +73,10 @@ pub struct MountOptions {
     pub timeout: u64,
     /// FIFO that receives `s` once the mount is live, `f` if mounting failed.
     pub notify_pipe: Option<PathBuf>,
-    /// Block cache budget in MiB.
+    /// Memory budget in MiB: an upper bound, not a reservation.
     pub cache_size_mib: u64,
+    /// Seconds without a request after which the server gives memory back; 0 never.
+    pub idle_release: u64,
     /// Request threads; the default depends on the CPUs.
     pub threads: Option<usize>,
     /// Stay attached to the terminal instead of becoming a daemon.
@@ -106,6 +108,7 @@ impl Default for MountOptions {
             timeout: 0,
             notify_pipe: None,
             cache_size_mib: DEFAULT_CACHE_MIB,
+            idle_release: crate::fuse::release::DEFAULT_IDLE_RELEASE.as_secs(),
             threads: None,
             foreground: false,
             debug: false,
@@ -191,8 +194,9 @@ impl MountOptions {
         let Some(value) = value else {
             return err(match name {
                 "offset" | "subdir" | "partition" | "uid" | "gid" | "uidmap" | "gidmap"
-                | "timeout" | "notify_pipe" | "cache_size" | "threads" | "max_threads"
-                | "max_idle_threads" | "fsname" | "subtype" | "cache_dir" | "cache_max" => {
+                | "timeout" | "notify_pipe" | "cache_size" | "idle_release" | "threads"
+                | "max_threads" | "max_idle_threads" | "fsname" | "subtype" | "cache_dir"
+                | "cache_max" => {
                     format!("mount option {name} needs a value: {name}=...")
                 }
                 _ => format!("unknown mount option '{name}'"),
@@ -217,6 +221,7 @@ impl MountOptions {
             "timeout" => self.timeout = number(name, value)?,
             "notify_pipe" => self.notify_pipe = Some(PathBuf::from(value)),
             "cache_size" => self.cache_size_mib = number(name, value)?,
+            "idle_release" => self.idle_release = number(name, value)?,
             "threads" | "max_threads" => self.threads = Some(number(name, value)?),
             // libfuse's thread pool knob; sifuse keeps a fixed set of request threads.
             "max_idle_threads" => {
@@ -289,6 +294,11 @@ impl MountOptions {
         }
     }
 
+    /// How long the server waits, idle, before it gives memory back, if it ever does.
+    pub fn idle_release(&self) -> Option<Duration> {
+        (self.idle_release > 0).then(|| Duration::from_secs(self.idle_release))
+    }
+
     /// The idle timeout, if any.
     pub fn idle_timeout(&self) -> Option<Duration> {
         (self.timeout > 0).then(|| Duration::from_secs(self.timeout))
@@ -341,7 +351,13 @@ mod tests {
 
     #[test]
     fn squashfuse_style_lists() {
-        let o = parsed("ro,allow_other,offset=4096,uid=1000,gid=100,timeout=30,notify_pipe=/tmp/p,cache_size=128,threads=4");
+        let o = parsed("ro,allow_other,offset=4096,uid=1000,gid=100,timeout=30,notify_pipe=/tmp/p,cache_size=128,threads=4,idle_release=5");
+        assert_eq!(o.idle_release(), Some(Duration::from_secs(5)));
+        assert_eq!(parsed("idle_release=0").idle_release(), None);
+        assert_eq!(
+            MountOptions::default().idle_release(),
+            Some(Duration::from_secs(30))
+        );
         assert_eq!(o.offset, Some(4096));
         assert!(o.allow_other);
         assert_eq!(o.access(), Access::Everyone);
