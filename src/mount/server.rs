@@ -440,6 +440,8 @@ impl Server {
             path: self.image.clone(),
             offset: opts.offset,
             partition: opts.partition.clone(),
+            cache: opts.chunk_cache.clone(),
+            store: None,
         };
         // The process is about to become a long-running server: tune its allocator once,
         // before the image's readers and the serving threads start (see the function).

@@ -27,14 +27,12 @@ pub struct MountSpec {
 
 impl MountSpec {
     /// The mount of `image` that `options` ask for, owned by `owner`: the source is the
-    /// image's absolute path unless `fsname` names another.
+    /// image's absolute path (a URL: its address without credentials) unless `fsname`
+    /// names another.
     pub fn new(image: &Path, options: &MountOptions, owner: (u32, u32)) -> MountSpec {
         let source = match &options.fsname {
             Some(name) => name.clone(),
-            None => std::path::absolute(image)
-                .unwrap_or_else(|_| image.to_path_buf())
-                .display()
-                .to_string(),
+            None => crate::image::shown_name(image),
         };
         MountSpec {
             source,
