@@ -43,20 +43,7 @@ impl FileWindow {
 
 impl ReadAt for FileWindow {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&end| end <= self.len)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "read of {} bytes at {offset} passes the end of the image ({} bytes)",
-                        buf.len(),
-                        self.len
-                    ),
-                )
-            })?;
-        debug_assert!(end <= self.len);
+        super::end_within(offset, buf.len(), self.len, "the image")?;
         // The file may have shrunk since the window was made: pread reports a short read,
         // which read_exact_at turns into UnexpectedEof rather than a signal.
         self.file.read_exact_at(buf, self.start + offset)
