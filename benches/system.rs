@@ -21,11 +21,15 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "common/workloads.rs"]
+mod workloads;
+
+use workloads::{big_file, drop_caches, mksquashfs, prefault_memory, python_tree, run, Rng};
 
 const SIFUSE: &str = env!("CARGO_BIN_EXE_sifuse");
 
@@ -48,169 +52,6 @@ impl Server {
     }
 }
 
-/// Deterministic pseudo-random numbers (xorshift64*), so every run generates the same trees.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let x = self.next().to_le_bytes();
-            c.copy_from_slice(&x[..c.len()]);
-        }
-    }
-}
-
-const WORDS: [&str; 24] = [
-    "def", "self", "return", "import", "from", "class", "None", "if", "else", "for", "in", "value",
-    "result", "config", "path", "name", "args", "kwargs", "raise", "try", "except", "True",
-    "False", "yield",
-];
-
-/// Python-source-like text: compresses about as well as real source.
-fn source_text(rng: &mut Rng, len: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len + 64);
-    while v.len() < len {
-        let indent = (rng.below(4) * 4) as usize;
-        v.extend(std::iter::repeat_n(b' ', indent));
-        for _ in 0..1 + rng.below(9) {
-            v.extend_from_slice(WORDS[rng.below(WORDS.len() as u64) as usize].as_bytes());
-            if rng.below(5) == 0 {
-                v.extend_from_slice(format!("_{}", rng.below(1000)).as_bytes());
-            }
-            v.push(b' ');
-        }
-        v.push(b'\n');
-    }
-    v.truncate(len);
-    v
-}
-
-/// Bytecode- or object-code-like data: mostly compressible with a share of random bytes.
-fn binary_data(rng: &mut Rng, len: usize, random_share: u64) -> Vec<u8> {
-    let mut v = source_text(rng, len);
-    let mut at = 0;
-    while at < len {
-        let run = (256 + rng.below(4096) as usize).min(len - at);
-        if rng.below(100) < random_share {
-            rng.fill(&mut v[at..at + run]);
-        }
-        at += run;
-    }
-    v
-}
-
-fn write(path: &Path, data: &[u8]) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, data).unwrap();
-}
-
-/// A tree shaped like a Python installation: an interpreter, the standard library and
-/// site-packages with deep packages, every module with its .pyc, a few shared libraries.
-fn python_tree(root: &Path) -> usize {
-    let mut rng = Rng(0x5eed_1234_abcd_ef01);
-    let mut files = 0;
-    let lib = root.join("usr/lib/python3.12");
-    write(
-        &root.join("usr/bin/python3.12"),
-        &binary_data(&mut rng, 6 << 20, 40),
-    );
-    files += 1;
-    let module = |dir: &Path, name: &str, rng: &mut Rng, files: &mut usize| {
-        // Mostly small modules, a long tail of big ones.
-        let len = match rng.below(100) {
-            0..=59 => 200 + rng.below(4000),
-            60..=94 => 4000 + rng.below(30_000),
-            _ => 30_000 + rng.below(200_000),
-        } as usize;
-        write(&dir.join(format!("{name}.py")), &source_text(rng, len));
-        write(
-            &dir.join("__pycache__")
-                .join(format!("{name}.cpython-312.pyc")),
-            &binary_data(rng, len * 2 / 3 + 64, 15),
-        );
-        *files += 2;
-    };
-    // Standard library: ~3.5k modules.
-    for p in 0..180 {
-        let pkg = lib.join(format!("std{p:03}"));
-        for m in 0..10 {
-            module(&pkg, &format!("mod{m}"), &mut rng, &mut files);
-        }
-    }
-    let dynload = lib.join("lib-dynload");
-    for i in 0..60 {
-        let len = 20_000 + rng.below(300_000) as usize;
-        write(
-            &dynload.join(format!("_ext{i:02}.cpython-312-x86_64-linux-gnu.so")),
-            &binary_data(&mut rng, len, 30),
-        );
-        files += 1;
-    }
-    // site-packages: packages of varying depth until the tree holds ~40k files.
-    let site = lib.join("site-packages");
-    let mut p = 0;
-    while files < 40_000 {
-        let pkg = site.join(format!("package_{p:03}"));
-        write(
-            &site.join(format!("package_{p:03}-1.0.dist-info/METADATA")),
-            &source_text(&mut rng, 2000),
-        );
-        write(
-            &site.join(format!("package_{p:03}-1.0.dist-info/RECORD")),
-            &source_text(&mut rng, 6000),
-        );
-        files += 2;
-        let subpackages = 1 + rng.below(12);
-        for s in 0..subpackages {
-            let depth = 1 + rng.below(4);
-            let mut dir = pkg.clone();
-            for d in 0..depth {
-                dir = dir.join(format!("sub{s}_{d}"));
-            }
-            module(&dir, "__init__", &mut rng, &mut files);
-            for m in 0..rng.below(14) {
-                module(&dir, &format!("module_{m}"), &mut rng, &mut files);
-            }
-        }
-        if rng.below(6) == 0 {
-            let len = 100_000 + rng.below(4 << 20) as usize;
-            write(
-                &pkg.join(format!("_native{p}.cpython-312-x86_64-linux-gnu.so")),
-                &binary_data(&mut rng, len, 35),
-            );
-            files += 1;
-        }
-        p += 1;
-    }
-    files
-}
-
-/// 1 GiB alternating 4 MiB spans of source-like text and random bytes.
-fn big_file(path: &Path) {
-    let mut rng = Rng(0xb16_f11e);
-    let mut f = fs::File::create(path).unwrap();
-    let span = 4 << 20;
-    for i in 0..(1u64 << 30) / span as u64 {
-        let chunk = if i % 2 == 0 {
-            source_text(&mut rng, span)
-        } else {
-            let mut v = vec![0u8; span];
-            rng.fill(&mut v);
-            v
-        };
-        f.write_all(&chunk).unwrap();
-    }
-}
-
 /// 100k small files in 100 directories.
 fn many_entries(root: &Path) {
     for d in 0..100 {
@@ -220,21 +61,6 @@ fn many_entries(root: &Path) {
             fs::write(dir.join(format!("f{f:04}")), format!("{d} {f}\n")).unwrap();
         }
     }
-}
-
-fn run(cmd: &mut Command) {
-    let st = cmd.status().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(st.success(), "{cmd:?}: {st}");
-}
-
-fn mksquashfs(src: &Path, img: &Path, extra: &[&str]) {
-    let comp = std::env::var("SIFUSE_BENCH_COMP").unwrap_or_else(|_| "gzip".into());
-    run(Command::new("mksquashfs")
-        .arg(src)
-        .arg(img)
-        .args(["-noappend", "-quiet", "-no-progress", "-comp", &comp])
-        .args(extra)
-        .stdout(Stdio::null()));
 }
 
 /// The images, generated on first use: (python tree, 1 GiB file, 100k entries).
@@ -265,7 +91,7 @@ fn images(dir: &Path) -> Images {
         let _ = fs::remove_dir_all(&scratch);
         eprintln!("generating the 1 GiB file ...");
         fs::create_dir_all(&scratch).unwrap();
-        big_file(&scratch.join("big.bin"));
+        big_file(&scratch.join("big.bin"), 1 << 30);
         mksquashfs(&scratch, &imgs.big, &[]);
         fs::remove_dir_all(&scratch).unwrap();
     }
@@ -278,32 +104,6 @@ fn images(dir: &Path) -> Images {
         fs::remove_dir_all(&scratch).unwrap();
     }
     imgs
-}
-
-/// Empty the page cache, dentries and inodes, after writing back anything dirty.
-fn drop_caches() {
-    unsafe { libc::sync() };
-    fs::write("/proc/sys/vm/drop_caches", "3").expect("write /proc/sys/vm/drop_caches");
-}
-
-/// Touch and free SIFUSE_BENCH_PREFAULT_GIB (default 4) GiB of memory, so that every run
-/// starts with free memory the host has backed. These machines are VMs whose balloon
-/// driver reports freed memory to the host (free page reporting), which takes it back;
-/// the first run to touch it again pays a host fault per page. Measured on sifuse's 1 GiB
-/// sequential read right after a tree read: 1.96 and 2.42 s (server sys time 1.6 to 2.6 s)
-/// without this, 0.92 and 0.95 s (sys 0.4 s) with it. Which server paid depended on the
-/// order, not on the server. Bare-metal nodes have no such cost. Done right before a timed
-/// workload (not before a timed mount): two seconds after memory is freed, the guest
-/// reports it to the host in the background, which would disturb a mount's few ms.
-fn prefault_memory() {
-    let gib: usize = std::env::var("SIFUSE_BENCH_PREFAULT_GIB")
-        .ok()
-        .and_then(|g| g.parse().ok())
-        .unwrap_or(4);
-    if gib > 0 {
-        let touched = vec![1u8; gib << 30];
-        std::hint::black_box(&touched);
-    }
 }
 
 /// Load the executables (and their libraries) that mount with `server` into the page cache.

@@ -1,7 +1,6 @@
 //! inspect, ls, stat, cat and extract: thin front ends over the archive layer.
 
 use std::io::{self, Write};
-use std::sync::Arc;
 
 use serde_json::json;
 
@@ -9,7 +8,7 @@ use sifuse::archive::superblock::flags;
 use sifuse::archive::{Archive, FileKind, Inode};
 use sifuse::image::{self, ImageSpec};
 use sifuse::sif::{self, SifImage};
-use sifuse::source::{open_image_file, FileWindow, ReadAt};
+use sifuse::source::ReadAt;
 use sifuse::walk::{walk, Event};
 use sifuse::{Error, Result};
 
@@ -54,6 +53,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Mount(args) => super::mount::mount(&args),
+        Command::Fetch(args) => super::cache::fetch(&args),
+        Command::Cache(cmd) => super::cache::run(&cmd),
         Command::Umount(args) => super::mount::umount(&args),
         Command::Run(args) => super::run::run(&args),
         Command::InstallCompat { dir, force } => super::compat::install_compat(&dir, force),
@@ -74,16 +75,13 @@ fn emit(stdout: &mut impl Write, s: &str) -> Result<()> {
 }
 
 fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
-    let file = Arc::new(open_image_file(&spec.path).map_err(|e| Error::Open {
-        path: spec.path.display().to_string(),
-        source: e,
-    })?);
-    let len = file.metadata()?.len();
-    let whole = FileWindow::new(file.clone(), 0, len)?;
+    let whole = image::open_whole(spec)?;
+    let remote = whole.remote.clone();
+    let len = whole.source.len();
     let mut head = vec![0u8; len.min(64) as usize];
-    whole.read_exact_at(&mut head, 0)?;
+    whole.source.read_exact_at(&mut head, 0)?;
     let sif_image = if spec.offset.is_none() && sif::has_sif_magic(&head) {
-        Some(SifImage::parse(&whole)?)
+        Some(SifImage::parse(&*whole.source)?)
     } else {
         None
     };
@@ -96,7 +94,8 @@ fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
         {
             Err(s.select_partition(None).expect_err("checked above").into())
         }
-        _ => image::open(spec, TOOL_CACHE_BYTES),
+        _ => image::locate_in(whole, spec)
+            .and_then(|located| image::open_located(located, TOOL_CACHE_BYTES)),
     };
     if sif_image.is_none() {
         // Not a SIF: the SquashFS must open, or there is nothing to show.
@@ -135,7 +134,15 @@ fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
             }),
             Err(e) => json!({ "error": e.to_string() }),
         };
-        let v = json!({ "sif": sif_json, "squashfs": sq_json });
+        let remote_json = remote.as_ref().map(|r| {
+            json!({
+                "address": r.address(),
+                "version": r.version().validator,
+                "length": r.version().len,
+                "disk_cache": r.disk_cache_dir().map(|d| d.display().to_string()),
+            })
+        });
+        let v = json!({ "remote": remote_json, "sif": sif_json, "squashfs": sq_json });
         emit(
             &mut stdout,
             &format!("{}\n", serde_json::to_string_pretty(&v).expect("json")),
@@ -143,6 +150,23 @@ fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
         return Ok(());
     }
     let mut s = String::new();
+    if let Some(r) = &remote {
+        s += &format!(
+            "Remote image {}
+",
+            r.address()
+        );
+        s += &format!(
+            "  version:     {}, {} bytes
+",
+            r.version().validator,
+            r.version().len
+        );
+        match r.disk_cache_dir() {
+            Some(d) => s += &format!("  chunk cache: {}\n\n", d.display()),
+            None => s += "  chunk cache: memory only\n\n",
+        }
+    }
     if let Some(img) = &sif_image {
         let h = &img.header;
         s += &format!("SIF image, version {}\n", h.version);

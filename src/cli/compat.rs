@@ -31,7 +31,9 @@ default_permissions, fsname, subtype. Any other -o option is an error, as in squ
 uid=0 and gid=0 leave owners as stored, as squashfuse does. Mounts show in mountinfo as \
 type fuse.NAME with source NAME, as libfuse names squashfuse's. Without -f the command \
 returns once the mount is live and prints nothing; errors go to stderr with exit status \
-1; the usage text (-h, or missing arguments) exits with 254.
+1; the usage text (-h, or missing arguments) exits with 254. ARCHIVE may also be a URL \
+(https://, http://, s3://, oras://), as for sifuse mount; its chunks are cached in \
+$SIFUSE_CACHE_DIR (else $XDG_CACHE_HOME/sifuse, else ~/.cache/sifuse), up to 10 GiB.
 
 Point a launcher at the links: SingularityCE and Apptainer look for squashfuse_ll, then \
 squashfuse, on their search path (see README.md, \"squashfuse compatibility\").";

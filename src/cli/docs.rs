@@ -95,8 +95,12 @@ mod tests {
             ".SH \"SIFUSE MOUNT\"",
             ".SH \"SIFUSE UMOUNT\"",
             ".SH \"SIFUSE COMPLETIONS\"",
+            ".SH \"SIFUSE FETCH\"",
+            ".SH \"SIFUSE CACHE\"",
             "notify_pipe",
             "uidmap",
+            "cache_dir",
+            "no_disk_cache",
         ] {
             assert!(page.contains(needle), "the man page lacks {needle:?}");
         }

@@ -1,6 +1,7 @@
 //! The command line: clap definitions (also used to generate the man page and shell
 //! completions) and the commands that run on the archive layer directly.
 
+mod cache;
 mod commands;
 pub mod compat;
 mod docs;
@@ -33,7 +34,8 @@ pub struct Cli {
 /// Which image inside the file to use.
 #[derive(Debug, Clone, Args)]
 pub struct ImageArgs {
-    /// The image: a SIF file, a SquashFS file, or /proc/self/fd/N
+    /// The image: a SIF file, a SquashFS file, /proc/self/fd/N, or a URL
+    /// (https://..., http://..., s3://BUCKET/KEY, oras://REGISTRY/REPO:TAG)
     pub image: PathBuf,
     /// Byte offset of a SquashFS image inside IMAGE
     #[arg(long, value_name = "N", conflicts_with = "partition")]
@@ -41,6 +43,8 @@ pub struct ImageArgs {
     /// SIF partition to use, by descriptor id or name (default: the primary system partition)
     #[arg(long, value_name = "ID|NAME")]
     pub partition: Option<String>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 impl ImageArgs {
@@ -49,7 +53,39 @@ impl ImageArgs {
             path: self.image.clone(),
             offset: self.offset,
             partition: self.partition.clone(),
+            cache: self.cache.settings(),
+            store: None,
         }
+    }
+}
+
+/// The node-local cache of remote images' chunks.
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    /// Chunk cache of remote images [default: $SIFUSE_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/sifuse, else ~/.cache/sifuse]
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Most the chunk cache may hold on disk, least recently used chunks going first
+    /// (K, M, G, T: powers of 1024) [default: 10G]
+    #[arg(long, value_name = "SIZE", value_parser = sifuse::source::remote::parse_size)]
+    pub cache_max: Option<u64>,
+    /// Keep a remote image's chunks in memory only (16 MiB), never on disk
+    #[arg(long)]
+    pub no_disk_cache: bool,
+}
+
+impl CacheArgs {
+    pub fn settings(&self) -> sifuse::source::remote::CacheSettings {
+        let mut s = sifuse::source::remote::CacheSettings {
+            dir: self.cache_dir.clone(),
+            disk: !self.no_disk_cache,
+            ..Default::default()
+        };
+        if let Some(max) = self.cache_max {
+            s.max_bytes = max;
+        }
+        s
     }
 }
 
@@ -106,6 +142,12 @@ pub enum Command {
     },
     /// Mount the image read-only over FUSE, as the kernel's squashfs driver would show it
     Mount(mount::MountArgs),
+    /// Put a whole remote image in the node-local chunk cache (pre-staging), so mounts
+    /// fetch nothing from the store but one revalidation
+    Fetch(cache::FetchArgs),
+    /// The node-local chunk cache of remote images
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Unmount a sifuse mount (umount2 as root, fusermount3 otherwise)
     Umount(mount::UmountArgs),
     /// Run a command with the image as its read-only root, in new namespaces

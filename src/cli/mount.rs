@@ -37,6 +37,9 @@ a backslash escapes a comma inside a value):
   threads=N              request threads (also max_threads=N)
   fsname=NAME            mount source shown in mountinfo (default: the image path)
   subtype=NAME           mountinfo shows the type as fuse.NAME (default: sifuse)
+  cache_dir=DIR          chunk cache of a remote image (as --cache-dir)
+  cache_max=SIZE         most the chunk cache holds on disk, e.g. 10G (as --cache-max)
+  no_disk_cache          keep a remote image's chunks in memory only
   debug                  same as -d
   ro, nosuid, nodev, default_permissions, nonempty, clone_fd, max_idle_threads=N
                          accepted for squashfuse compatibility
@@ -137,6 +140,7 @@ impl MountArgs {
             threads: self.threads,
             foreground: self.foreground || self.debug,
             debug: self.debug,
+            chunk_cache: self.image.cache.settings(),
             ..MountOptions::default()
         };
         if let Some(mib) = self.cache_size {

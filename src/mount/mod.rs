@@ -129,6 +129,8 @@ fn prepare(
         path: req.image.clone(),
         offset: opts.offset,
         partition: opts.partition.clone(),
+        cache: opts.chunk_cache.clone(),
+        store: None,
     };
     let img = image::open(&spec, opts.cache_bytes())?;
     let root = served_root(&img.archive, opts.subdir.as_deref())?;
@@ -163,6 +165,8 @@ fn prepare(
 
     let source = match &opts.fsname {
         Some(name) => name.clone(),
+        // A remote image: its address, without credentials.
+        None if img.located.remote.is_some() => img.located.name.clone(),
         None => std::path::absolute(&req.image)
             .unwrap_or_else(|_| req.image.clone())
             .display()

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::fuse::owners::{IdRange, IdView, Owners};
+use crate::source::remote::{parse_size, CacheSettings};
 
 /// Default block cache budget, in MiB.
 pub const DEFAULT_CACHE_MIB: u64 = 64;
@@ -86,6 +87,8 @@ pub struct MountOptions {
     pub fsname: Option<String>,
     /// The file system subtype: mountinfo shows `fuse.SUBTYPE` (default: sifuse).
     pub subtype: Option<String>,
+    /// For an image named by a URL: the node-local chunk cache.
+    pub chunk_cache: CacheSettings,
 }
 
 impl Default for MountOptions {
@@ -111,6 +114,7 @@ impl Default for MountOptions {
             debug: false,
             fsname: None,
             subtype: None,
+            chunk_cache: CacheSettings::default(),
         }
     }
 }
@@ -178,6 +182,12 @@ impl MountOptions {
             "ro" | "default_permissions" | "nonempty" | "clone_fd" => {
                 return flag(&mut ignored, true)
             }
+            "no_disk_cache" => {
+                let mut on = false;
+                flag(&mut on, true)?;
+                self.chunk_cache.disk = !on;
+                return Ok(());
+            }
             "rw" => return err("sifuse mounts are always read-only: drop the rw option"),
             _ => {}
         }
@@ -185,7 +195,8 @@ impl MountOptions {
             return err(match name {
                 "offset" | "subdir" | "partition" | "uid" | "gid" | "uidmap" | "gidmap"
                 | "timeout" | "notify_pipe" | "cache_size" | "idle_release" | "threads"
-                | "max_threads" | "max_idle_threads" | "fsname" | "subtype" => {
+                | "max_threads" | "max_idle_threads" | "fsname" | "subtype" | "cache_dir"
+                | "cache_max" => {
                     format!("mount option {name} needs a value: {name}=...")
                 }
                 _ => format!("unknown mount option '{name}'"),
@@ -218,6 +229,11 @@ impl MountOptions {
             }
             "fsname" => self.fsname = Some(value.to_string()),
             "subtype" => self.subtype = Some(value.to_string()),
+            "cache_dir" => self.chunk_cache.dir = Some(PathBuf::from(value)),
+            "cache_max" => {
+                self.chunk_cache.max_bytes = parse_size(value)
+                    .map_err(|e| OptionError(format!("mount option cache_max: {e}")))?
+            }
             _ => return err(format!("unknown mount option '{name}'")),
         }
         Ok(())

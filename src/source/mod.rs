@@ -7,8 +7,10 @@
 
 pub mod file;
 pub mod remote;
+pub mod window;
 
 pub use file::{inherited_fd, open_image_file, FileWindow};
+pub use window::Window;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};

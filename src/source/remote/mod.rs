@@ -17,6 +17,7 @@
 //! [`open_store`] makes the store a URL names: [`http::HttpStore`] for `http(s)://`,
 //! [`s3::S3Store`] for `s3://BUCKET/KEY`, [`oci::OciStore`] for `oras://…`.
 
+pub mod chunks;
 mod client;
 pub mod credentials;
 pub mod http;
@@ -24,7 +25,11 @@ pub mod oci;
 pub mod retry;
 pub mod s3;
 pub mod sigv4;
+pub mod source;
 pub mod url;
+
+pub use chunks::{default_cache_dir, parse_size, CacheError, CacheSettings, ChunkCache};
+pub use source::{RemoteConfig, RemoteSource};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
