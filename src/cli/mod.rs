@@ -70,6 +70,8 @@ pub struct ImageArgs {
     pub partition: Option<String>,
     #[command(flatten)]
     pub cache: CacheArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 impl ImageArgs {
@@ -79,8 +81,30 @@ impl ImageArgs {
             offset: self.offset,
             partition: self.partition.clone(),
             cache: self.cache.settings(),
-            store: None,
+            store: self.store.config(),
         }
+    }
+}
+
+/// How to reach a remote image's store.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Registry credentials for oras:// images, in a docker-style config.json [default:
+    /// $DOCKER_CONFIG/config.json, else ~/.docker/config.json]
+    #[arg(long, value_name = "FILE")]
+    pub registry_auth: Option<PathBuf>,
+    /// Talk to an oras:// registry (and its token service) over plain HTTP
+    #[arg(long)]
+    pub no_https: bool,
+}
+
+impl StoreArgs {
+    /// The store settings, when they differ from the defaults.
+    pub fn config(&self) -> Option<sifuse::source::remote::StoreConfig> {
+        sifuse::source::remote::StoreConfig::from_options(
+            self.registry_auth.as_deref(),
+            self.no_https,
+        )
     }
 }
 

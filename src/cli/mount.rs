@@ -40,6 +40,8 @@ a backslash escapes a comma inside a value):
   cache_dir=DIR          chunk cache of a remote image (as --cache-dir)
   cache_max=SIZE         most the chunk cache holds on disk, e.g. 10G (as --cache-max)
   no_disk_cache          keep a remote image's chunks in memory only
+  registry_auth=FILE     registry credentials of an oras:// image (as --registry-auth)
+  no_https               reach an oras:// registry over plain HTTP (as --no-https)
   debug                  same as -d
   ro, nosuid, nodev, default_permissions, nonempty, clone_fd, max_idle_threads=N
                          accepted for squashfuse compatibility
@@ -141,6 +143,8 @@ impl MountArgs {
             foreground: self.foreground || self.debug,
             debug: self.debug,
             chunk_cache: self.image.cache.settings(),
+            registry_auth: self.image.store.registry_auth.clone(),
+            no_https: self.image.store.no_https,
             ..MountOptions::default()
         };
         if let Some(mib) = self.cache_size {

@@ -43,6 +43,7 @@ use crate::fuse::access::Callers;
 use crate::fuse::activity::Activity;
 use crate::fuse::{ArchiveFs, Opens};
 use crate::image::{self, ImageSpec};
+use crate::source::remote::StoreConfig;
 
 use super::attach::{self, Attachment};
 use super::daemon::{self, Fork, Outcome};
@@ -441,7 +442,7 @@ impl Server {
             offset: opts.offset,
             partition: opts.partition.clone(),
             cache: opts.chunk_cache.clone(),
-            store: None,
+            store: StoreConfig::from_options(opts.registry_auth.as_deref(), opts.no_https),
         };
         // The process is about to become a long-running server: tune its allocator once,
         // before the image's readers and the serving threads start (see the function).
