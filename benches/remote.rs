@@ -309,27 +309,12 @@ fn compressed_bytes_read(image: &Path, mnt: &Path) -> (u64, u64) {
 }
 
 fn main() {
-    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
-        eprintln!("benches/remote: needs root and /dev/fuse (it mounts and drops caches); skipped");
+    let Some((rounds, dir)) = workloads::bench_setup(
+        "remote",
+        &[("nginx", "nginx-light"), ("mksquashfs", "squashfs-tools")],
+    ) else {
         return;
-    }
-    for tool in ["nginx", "mksquashfs"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool} >/dev/null")])
-            .status()
-            .map_or(true, |s| !s.success())
-        {
-            eprintln!("benches/remote: {tool} is missing (apt-get install nginx-light squashfs-tools); skipped");
-            return;
-        }
-    }
-    let rounds: usize = std::env::var("SIFUSE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3);
-    let dir = std::env::var_os("SIFUSE_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-system"));
+    };
     fs::create_dir_all(&dir).unwrap();
     let tree_img = dir.join("python-tree.sqfs");
     let big_img = dir.join("big-512m.sqfs");

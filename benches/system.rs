@@ -355,27 +355,15 @@ fn many_mounts(server: Server, img: &Path, dir: &Path) -> (Duration, u64) {
 }
 
 fn main() {
-    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
-        eprintln!("benches/system: needs root and /dev/fuse (it mounts and drops caches); skipped");
+    let Some((rounds, dir)) = workloads::bench_setup(
+        "system",
+        &[
+            ("squashfuse_ll", "squashfuse"),
+            ("mksquashfs", "squashfs-tools"),
+        ],
+    ) else {
         return;
-    }
-    for tool in ["squashfuse_ll", "mksquashfs"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool} >/dev/null")])
-            .status()
-            .map_or(true, |s| !s.success())
-        {
-            eprintln!("benches/system: {tool} is missing (apt-get install squashfuse squashfs-tools); skipped");
-            return;
-        }
-    }
-    let rounds: usize = std::env::var("SIFUSE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3);
-    let dir = std::env::var_os("SIFUSE_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-system"));
+    };
     let imgs = images(&dir);
     let mnt = dir.join("mnt");
     let walk_out = PathBuf::from("/dev/shm/sifuse-bench-walk");

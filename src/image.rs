@@ -51,6 +51,20 @@ pub fn remote_url(path: &Path) -> Option<&str> {
     path.to_str().filter(|s| remote::is_remote(s))
 }
 
+/// How the image `path` names is shown to others (mountinfo's source, messages): a
+/// URL without credentials or presigned query, or the file's absolute path.
+pub fn shown_name(path: &Path) -> String {
+    match remote_url(path) {
+        Some(url) => remote::RemoteUrl::parse(url)
+            .map(|u| u.to_string())
+            .unwrap_or_else(|_| remote::url::redact_url(url)),
+        None => std::path::absolute(path)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .display()
+            .to_string(),
+    }
+}
+
 /// Where the served SquashFS bytes were found.
 #[derive(Clone)]
 pub struct Located {

@@ -1,19 +1,38 @@
-//! The `sifuse` binary: parse the command line, run, and turn an error into one clear line
-//! on stderr and a non-zero exit.
+//! The `sifuse` binary: parse the command line, carry it out, and turn how it ended into
+//! the exit status (and a failure into one clear line on stderr). The only place the
+//! process exits.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod cli;
 
 use clap::Parser;
 
+use cli::Exit;
+
+/// The exit status for `exit`, printing a failure after `program`'s name.
+fn exit_status(program: &str, exit: Exit) -> i32 {
+    match exit {
+        Exit::Done => 0,
+        Exit::Served(ending) if ending.is_success() => 0,
+        // The launcher, or the log, was told why.
+        Exit::Served(_) => 1,
+        Exit::Status(status) => status,
+        Exit::Failed { message, status } => {
+            eprintln!("{program}: {message}");
+            status
+        }
+    }
+}
+
 fn main() {
     let mut args = std::env::args_os();
-    if let Some(name) = args.next().as_deref().and_then(cli::compat::compat_name) {
-        let rest: Vec<_> = args.collect();
-        std::process::exit(cli::compat::main(name, &rest));
-    }
-    let cli = cli::Cli::parse();
-    if let Err(e) = cli::run(cli) {
-        eprintln!("sifuse: {e}");
-        std::process::exit(1);
-    }
+    let status = match args.next().as_deref().and_then(cli::compat::compat_name) {
+        Some(name) => {
+            let rest: Vec<_> = args.collect();
+            exit_status(name, cli::compat::main(name, &rest))
+        }
+        None => exit_status("sifuse", cli::dispatch(cli::Cli::parse())),
+    };
+    std::process::exit(status);
 }

@@ -1,6 +1,6 @@
 //! sifuse as squashfuse_ll and squashfuse: the built binary, run through the links
 //! `sifuse install-compat` makes, replaying how SingularityCE and Apptainer call it
-//! (../shared/REFERENCE.md, "How launchers call it"), the /dev/fd/N handover of a setuid
+//! (README.md, "squashfuse compatibility"), the /dev/fd/N handover of a setuid
 //! starter, notify_pipe, subdir, the idle timeout, the usage probe, and the kernel
 //! comparison of the mount issue through these names.
 

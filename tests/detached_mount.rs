@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::fixtures::fixtures;
 use mount_util::{require_mount, scratch, wait_for, SIFUSE};
-use sifuse::mount::detached::{attach_at, create, DetachedSpec};
+use sifuse::mount::detached::{attach_at, create};
 use sifuse::mount::options::Access;
+use sifuse::mount::spec::MountSpec;
 use sifuse::mount::sys::MountFlags;
 
 /// /dev/fuse, opened inheritable at descriptor 10 or above.
@@ -42,7 +43,7 @@ fn a_detached_mount_is_served_reached_by_its_descriptor_and_attached_elsewhere()
     require_mount();
     let source = format!("sifuse-detached-test-{}", std::process::id());
     let fuse = open_fuse_inheritable();
-    let spec = DetachedSpec {
+    let spec = MountSpec {
         source: source.clone(),
         subtype: "sifuse".into(),
         flags: MountFlags {

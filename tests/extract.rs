@@ -111,23 +111,7 @@ fn check_image(name: &str) {
     );
 }
 
-macro_rules! image_tests {
-    ($($test:ident => $name:literal,)*) => {
-        $( #[test] fn $test() { check_image($name); } )*
-
-        /// The list above names every image generate.sh builds.
-        #[test]
-        fn every_image_has_a_test() {
-            let mut listed: Vec<&str> = vec![$($name),*];
-            let mut built: Vec<&str> = fixtures().images.iter().map(|(n, _)| n.as_str()).collect();
-            listed.sort();
-            built.sort();
-            assert_eq!(listed, built, "update image_tests! in tests/extract.rs");
-        }
-    };
-}
-
-with_fixture_images!(image_tests);
+one_test_per_fixture_image!(check_image);
 
 fn wrap_in_sif(image: &Path, sif: &Path) {
     let info = PartitionInfo {

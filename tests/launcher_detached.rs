@@ -33,9 +33,10 @@ use std::time::{Duration, Instant};
 
 use launcher_util::{command, Scratch, HOSTNAME, LIMIT, NOBODY};
 use mount_util::{pids_mentioning, require_mount, wait_for, SIFUSE};
-use sifuse::launcher::fdpass::{recv_line, send_line_with_fd};
-use sifuse::mount::detached::{create, DetachedSpec};
+use sifuse::control::fdpass::{recv_line, send_line_with_fd};
+use sifuse::mount::detached::create;
 use sifuse::mount::options::Access;
+use sifuse::mount::spec::MountSpec;
 use sifuse::mount::sys::MountFlags;
 
 fn owner(as_nobody: bool) -> u32 {
@@ -145,7 +146,7 @@ fn act_as_launcher(image: &Path, target: &Path, flow: Flow) {
                 .open("/dev/fuse")
                 .unwrap()
                 .into();
-            let spec = DetachedSpec {
+            let spec = MountSpec {
                 source: image_str.to_string(),
                 subtype: "sifuse".into(),
                 flags: MountFlags {

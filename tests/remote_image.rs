@@ -108,23 +108,7 @@ fn without_a_disk_cache_the_same_tree_comes_out() {
     }
 }
 
-macro_rules! image_tests {
-    ($($test:ident => $name:literal,)*) => {
-        $( #[test] fn $test() { check_image($name); } )*
-
-        /// The list above names every image generate.sh builds.
-        #[test]
-        fn every_image_has_a_test() {
-            let mut listed: Vec<&str> = vec![$($name),*];
-            let mut built: Vec<&str> = fixtures().images.iter().map(|(n, _)| n.as_str()).collect();
-            listed.sort();
-            built.sort();
-            assert_eq!(listed, built, "update image_tests! in tests/remote_image.rs");
-        }
-    };
-}
-
-with_fixture_images!(image_tests);
+one_test_per_fixture_image!(check_image);
 
 #[test]
 fn sif_partitions_and_offsets_work_as_on_a_local_file() {

@@ -2,7 +2,9 @@
 //! what the mount shows is what the kernel shows of the local copy, byte for byte and stat
 //! for stat; the chunk cache survives damage and pruning while mounted; two mounts share
 //! it; an unreachable store means EIO for what is not cached and recovery without a
-//! remount; and a second node behind a caching proxy reaches the origin for nothing.
+//! remount; a second node behind a caching proxy reaches the origin for nothing; and an
+//! oras:// image comes from a plain-HTTP registry only with --no-https, with the
+//! credentials --registry-auth names.
 
 mod common;
 mod mount_util;
@@ -18,7 +20,9 @@ use mount_util::{
     SifuseMount, ViewExceptions,
 };
 use remote_util::proxy::{Fault, FaultProxy};
-use remote_util::servers::Nginx;
+use remote_util::servers::{
+    basic, Nginx, Registry, RegistryAuth, HTPASSWD_PASSWORD, HTPASSWD_USER,
+};
 
 /// Bytes nginx sent for ranged requests for data, from its access log (`... "bytes=A-B"
 /// ...`). The HTTP store asks an object's version with a one-byte range (`bytes=0-0`), which
@@ -314,5 +318,86 @@ fn a_second_node_behind_a_caching_proxy_reaches_the_origin_for_nothing() {
     assert!(
         ranged.is_empty(),
         "the second node's cold mount reached the origin: {ranged:?}"
+    );
+}
+
+#[test]
+fn an_oras_image_needs_no_https_for_a_plain_registry_and_takes_registry_auth() {
+    require_mount();
+    let registry = Registry::start(RegistryAuth::Basic);
+    let dir = scratch("oras");
+    let sif = wrap_in_sif(fixtures().image("zstd"), dir.path());
+    registry.push_sif("lab/zstd", "1", &fs::read(&sif).unwrap());
+    let url = format!("oras://{}/lab/zstd:1", registry.host());
+    let auth = dir.path().join("registry-auth.json");
+    let encoded = basic(HTPASSWD_USER, HTPASSWD_PASSWORD);
+    fs::write(
+        &auth,
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
+            registry.host(),
+            encoded.trim_start_matches("Basic ")
+        ),
+    )
+    .unwrap();
+    let auth = auth.to_str().unwrap();
+    // No docker config of the user's may answer for us.
+    let home = scratch("home");
+    let cache = scratch("oras-cache");
+    let ls = |extra: &[&str]| {
+        let started = Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sifuse"))
+            .arg("ls")
+            .args(extra)
+            .args([url.as_str(), "/"])
+            .env("HOME", home.path())
+            .env("DOCKER_CONFIG", home.path())
+            .env("SIFUSE_CACHE_DIR", cache.path())
+            .output()
+            .unwrap();
+        (out, started.elapsed())
+    };
+    let refused = |out: &std::process::Output, took: Duration, why: &str, hint: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{why}: listed anyway");
+        assert_eq!(err.trim_end().lines().count(), 1, "{why}: {err}");
+        assert!(took < Duration::from_secs(30), "{why}: took {took:?}");
+        // The message says what to do.
+        assert!(err.contains(hint), "{why}: no {hint} in {err}");
+    };
+    let (out, took) = ls(&["--registry-auth", auth]);
+    refused(&out, took, "HTTPS to a plain-HTTP registry", "--no-https");
+    let (out, took) = ls(&["--no-https"]);
+    refused(&out, took, "no credentials", "--registry-auth");
+    let (out, _) = ls(&["--no-https", "--registry-auth", auth]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let kernel = KernelMount::new(fixtures().image("zstd"));
+    let mut names: Vec<String> = fs::read_dir(&kernel.mountpoint)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in &names {
+        assert!(listed.contains(name.as_str()), "ls lacks {name}: {listed}");
+    }
+    // The mount options say the same.
+    let options = format!("registry_auth={auth},no_https");
+    let m = SifuseMount::daemon(
+        Path::new(&url),
+        &[
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "-o",
+            options.as_str(),
+        ],
+    );
+    assert_no_differences(
+        "oras over plain HTTP",
+        &compare_views(&kernel.mountpoint, &m.mountpoint, ViewExceptions::default()),
     );
 }

@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Deterministic pseudo-random numbers (xorshift64*), so every run generates the same trees.
@@ -212,4 +212,36 @@ pub fn prefault_memory() {
         let touched = vec![1u8; gib << 30];
         std::hint::black_box(&touched);
     }
+}
+
+/// What a system benchmark needs before it starts: root, /dev/fuse and `tools` on PATH.
+/// `None` (having said what is missing) when the machine lacks any; otherwise the rounds
+/// to run (`SIFUSE_BENCH_ROUNDS`, default 3) and the directory for images
+/// (`SIFUSE_BENCH_DIR`, default under the target directory).
+pub fn bench_setup(bench: &str, tools: &[(&str, &str)]) -> Option<(usize, PathBuf)> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
+        eprintln!(
+            "benches/{bench}: needs root and /dev/fuse (it mounts and drops caches); skipped"
+        );
+        return None;
+    }
+    for (tool, package) in tools {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool} >/dev/null")])
+            .status()
+            .map_or(true, |s| !s.success())
+        {
+            eprintln!("benches/{bench}: {tool} is missing (apt-get install {package}); skipped");
+            return None;
+        }
+    }
+    let rounds = std::env::var("SIFUSE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let dir = std::env::var_os("SIFUSE_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-system"));
+    Some((rounds, dir))
 }

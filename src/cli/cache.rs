@@ -13,7 +13,7 @@ use sifuse::source::remote::{parse_size, CacheSettings, RemoteConfig, RemoteSour
 use sifuse::source::ReadAt;
 use sifuse::{Error, Result};
 
-use super::CacheArgs;
+use super::{CacheArgs, StoreArgs};
 
 /// `sifuse fetch`.
 #[derive(Debug, Args)]
@@ -22,6 +22,8 @@ pub struct FetchArgs {
     pub url: String,
     #[command(flatten)]
     pub cache: CacheArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Never show a progress bar
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -156,6 +158,7 @@ pub fn fetch(args: &FetchArgs) -> Result<()> {
     let spec = ImageSpec {
         path: PathBuf::from(&args.url),
         cache: settings.clone(),
+        store: args.store.config(),
         ..Default::default()
     };
     if spec.url().is_none() {

@@ -12,66 +12,64 @@ use sifuse::source::ReadAt;
 use sifuse::walk::{walk, Event};
 use sifuse::{Error, Result};
 
-use super::{Cli, Command};
+use super::{Cli, Command, Exit, ImageArgs};
 
 /// Cache for one-shot commands: enough for a few data blocks and the metadata they touch.
 const TOOL_CACHE_BYTES: u64 = 32 << 20;
 
-/// Run a parsed command line; the caller prints the error.
-pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+/// Carry out a parsed command line.
+pub fn dispatch(cli: Cli) -> Exit {
+    let done = match cli.command {
         Command::Inspect { image, json } => inspect(&image.spec(), json),
         Command::Ls {
             image,
             path,
             long,
             recursive,
-        } => {
-            let img = image::open(&image.spec(), TOOL_CACHE_BYTES)?;
-            ls(&img.archive, &path, long, recursive)
-        }
-        Command::Stat { image, path } => {
-            let img = image::open(&image.spec(), TOOL_CACHE_BYTES)?;
-            stat(&img.archive, &path)
-        }
-        Command::Cat { image, path } => {
-            let img = image::open(&image.spec(), TOOL_CACHE_BYTES)?;
-            cat(&img.archive, &path)
-        }
+        } => open(&image).and_then(|img| ls(&img.archive, &path, long, recursive)),
+        Command::Stat { image, path } => open(&image).and_then(|img| stat(&img.archive, &path)),
+        Command::Cat { image, path } => open(&image).and_then(|img| cat(&img.archive, &path)),
         Command::Extract {
             image,
             dest,
             path,
             quiet,
-        } => {
-            let img = image::open(&image.spec(), TOOL_CACHE_BYTES)?;
+        } => open(&image).and_then(|img| {
             let mut opts = sifuse::extract::ExtractOptions::default();
             if quiet {
                 opts.progress = false;
             }
             sifuse::extract::extract(&img.archive, path.as_bytes(), &dest, &opts)?;
             Ok(())
-        }
-        Command::Mount(args) => super::mount::mount(&args),
+        }),
+        Command::Mount(args) => return super::mount::mount(&args),
         Command::Fetch(args) => super::cache::fetch(&args),
         Command::Cache(cmd) => super::cache::run(&cmd),
         Command::Umount(args) => super::mount::umount(&args),
-        Command::Run(args) => super::run::run(&args),
+        Command::Run(args) => return super::container::run_container(&args),
         Command::InstallCompat { dir, force } => super::compat::install_compat(&dir, force),
-        Command::Completions { shell } => Ok(super::docs::completions(shell)?),
+        Command::Completions { shell } => super::docs::completions(shell).map_err(Error::Io),
+    };
+    match done {
+        Ok(()) => Exit::Done,
+        // A closed pipe (`| head`) ends output quietly.
+        Err(Error::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => Exit::Done,
+        Err(e) => Exit::failed(e),
     }
+}
+
+/// The image a one-shot command reads.
+fn open(image: &ImageArgs) -> Result<image::OpenImage> {
+    image::open(&image.spec(), TOOL_CACHE_BYTES)
 }
 
 fn out_err(e: io::Error) -> Error {
     Error::Io(e)
 }
 
-/// Write to stdout; a closed pipe (`| head`) ends quietly.
+/// Write to stdout (a closed pipe is an error [`dispatch`] takes as the end of output).
 fn emit(stdout: &mut impl Write, s: &str) -> Result<()> {
-    match stdout.write_all(s.as_bytes()) {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => std::process::exit(0),
-        r => r.map_err(out_err),
-    }
+    stdout.write_all(s.as_bytes()).map_err(out_err)
 }
 
 fn inspect(spec: &ImageSpec, as_json: bool) -> Result<()> {
@@ -334,10 +332,7 @@ fn ls(archive: &Archive, path: &str, long: bool, recursive: bool) -> Result<()> 
         } else {
             name.to_string()
         };
-        match writeln!(out, "{line}") {
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => std::process::exit(0),
-            r => r.map_err(out_err),
-        }
+        writeln!(out, "{line}").map_err(out_err)
     };
     if start.as_dir().is_none() {
         show(&mut stdout, &start, path)?;

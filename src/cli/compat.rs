@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use sifuse::mount::options::MountOptions;
 use sifuse::mount::sys::LinuxSyscalls;
-use sifuse::mount::MountRequest;
+use sifuse::mount::{MountRequest, Server, Standalone};
+
+use super::Exit;
 
 /// The names under which the binary behaves as squashfuse. squashfuse_ll first: launchers
 /// look for it first.
@@ -217,33 +219,28 @@ FUSE options:
     (out, err)
 }
 
-/// Run as squashfuse or squashfuse_ll; returns the exit status.
-pub fn main(prog: &str, args: &[OsString]) -> i32 {
+/// Run as squashfuse or squashfuse_ll; `main` prints a failure after PROG's name.
+pub fn main(prog: &str, args: &[OsString]) -> Exit {
     let req = match parse(prog, args) {
         Ok(Invocation::Mount(req)) => req,
         Ok(Invocation::Version) => {
             println!("{prog} (sifuse {})", env!("CARGO_PKG_VERSION"));
-            return 0;
+            return Exit::Done;
         }
         Ok(Invocation::Usage) => {
             let (out, err) = usage(prog);
             let _ = io::stdout().write_all(out.as_bytes());
             let _ = io::stdout().flush();
             let _ = io::stderr().write_all(err.as_bytes());
-            return USAGE_STATUS;
+            return Exit::Status(USAGE_STATUS);
         }
-        Err(CompatError(msg)) => {
-            eprintln!("{prog}: {msg}");
-            return 1;
-        }
+        Err(CompatError(msg)) => return Exit::failed(msg),
     };
     super::mount::init_logging(req.options.debug);
-    match sifuse::mount::mount(&req, Arc::new(LinuxSyscalls)) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("{prog}: {e}");
-            1
-        }
+    let server = Server::new(req.image, req.options, Arc::new(LinuxSyscalls));
+    match server.run(Standalone::new(req.mountpoint)) {
+        Ok(ending) => Exit::Served(ending),
+        Err(e) => Exit::failed(e),
     }
 }
 

@@ -4,16 +4,41 @@
 mod cache;
 mod commands;
 pub mod compat;
+mod container;
 mod docs;
 mod mount;
-mod run;
 mod version;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-pub use commands::run;
+use sifuse::mount::Ending;
+
+pub use commands::dispatch;
+
+/// How a command ended, for `main` to turn into the exit status.
+#[derive(Debug)]
+pub enum Exit {
+    /// The command did what it was asked.
+    Done,
+    /// A server ended (`sifuse mount`, squashfuse's command line), and why.
+    Served(Ending),
+    /// Exit with this status: COMMAND's for `sifuse run`, or squashfuse's after its usage.
+    Status(i32),
+    /// The command failed: one line for stderr, after the program's name, and the status.
+    Failed { message: String, status: i32 },
+}
+
+impl Exit {
+    /// A failure with status 1.
+    pub fn failed(error: impl std::fmt::Display) -> Exit {
+        Exit::Failed {
+            message: error.to_string(),
+            status: 1,
+        }
+    }
+}
 
 /// Mount SquashFS and SIF container images read-only over FUSE, exactly as the kernel's
 /// squashfs driver shows them; inspect, list and extract them without mounting.
@@ -45,6 +70,8 @@ pub struct ImageArgs {
     pub partition: Option<String>,
     #[command(flatten)]
     pub cache: CacheArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 impl ImageArgs {
@@ -54,8 +81,30 @@ impl ImageArgs {
             offset: self.offset,
             partition: self.partition.clone(),
             cache: self.cache.settings(),
-            store: None,
+            store: self.store.config(),
         }
+    }
+}
+
+/// How to reach a remote image's store.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Registry credentials for oras:// images, in a docker-style config.json [default:
+    /// $DOCKER_CONFIG/config.json, else ~/.docker/config.json]
+    #[arg(long, value_name = "FILE")]
+    pub registry_auth: Option<PathBuf>,
+    /// Talk to an oras:// registry (and its token service) over plain HTTP
+    #[arg(long)]
+    pub no_https: bool,
+}
+
+impl StoreArgs {
+    /// The store settings, when they differ from the defaults.
+    pub fn config(&self) -> Option<sifuse::source::remote::StoreConfig> {
+        sifuse::source::remote::StoreConfig::from_options(
+            self.registry_auth.as_deref(),
+            self.no_https,
+        )
     }
 }
 
@@ -151,7 +200,7 @@ pub enum Command {
     /// Unmount a sifuse mount (umount2 as root, fusermount3 otherwise)
     Umount(mount::UmountArgs),
     /// Run a command with the image as its read-only root, in new namespaces
-    Run(run::RunArgs),
+    Run(container::RunArgs),
     /// Make squashfuse_ll and squashfuse in DIR: links to this binary, which then takes
     /// squashfuse's command line, so launchers that look for those names use sifuse
     #[command(after_long_help = compat::COMPAT_HELP)]

@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use clap::Args;
 
+use sifuse::control::{self, HandOff};
 use sifuse::fuse::owners::IdRange;
-use sifuse::launcher::{self, handoff::HandOff, server::ServerRequest, LauncherError};
 use sifuse::mount::options::{MountOptions, OptionError};
 use sifuse::mount::sys::LinuxSyscalls;
-use sifuse::mount::{MountError, MountRequest};
+use sifuse::mount::{Server, Standalone};
 use sifuse::{Error, Result};
 
-use super::ImageArgs;
+use super::{Exit, ImageArgs};
 
 /// What `-o` accepts, for `sifuse mount --help` and the man page.
 pub const MOUNT_OPTIONS_HELP: &str = "\
@@ -40,6 +40,8 @@ a backslash escapes a comma inside a value):
   cache_dir=DIR          chunk cache of a remote image (as --cache-dir)
   cache_max=SIZE         most the chunk cache holds on disk, e.g. 10G (as --cache-max)
   no_disk_cache          keep a remote image's chunks in memory only
+  registry_auth=FILE     registry credentials of an oras:// image (as --registry-auth)
+  no_https               reach an oras:// registry over plain HTTP (as --no-https)
   debug                  same as -d
   ro, nosuid, nodev, default_permissions, nonempty, clone_fd, max_idle_threads=N
                          accepted for squashfuse compatibility
@@ -141,6 +143,8 @@ impl MountArgs {
             foreground: self.foreground || self.debug,
             debug: self.debug,
             chunk_cache: self.image.cache.settings(),
+            registry_auth: self.image.store.registry_auth.clone(),
+            no_https: self.image.store.no_https,
             ..MountOptions::default()
         };
         if let Some(mib) = self.cache_size {
@@ -163,14 +167,6 @@ pub struct UmountArgs {
     pub lazy: bool,
 }
 
-/// An error of the mount layer as the binary reports it: one line.
-fn mount_error(e: MountError) -> Error {
-    match e {
-        MountError::Image(e) => e,
-        e => Error::Io(io::Error::other(e.to_string())),
-    }
-}
-
 /// Log to stderr: warnings, or with --debug every request (fuser logs them at debug level).
 /// RUST_LOG overrides.
 pub(super) fn init_logging(debug: bool) {
@@ -188,44 +184,43 @@ pub(super) fn init_logging(debug: bool) {
         .try_init();
 }
 
-/// Run `sifuse mount`.
-pub fn mount(args: &MountArgs) -> Result<()> {
-    let options = args.options().map_err(|e| mount_error(e.into()))?;
+/// `sifuse mount`: serve until the mount goes away, in the standalone role or, with
+/// `--control-fd`, in launcher mode's.
+pub fn mount(args: &MountArgs) -> Exit {
+    let options = match args.options() {
+        Ok(options) => options,
+        Err(e) => return Exit::failed(e),
+    };
     init_logging(options.debug);
-    if let Some(control_fd) = args.control_fd {
-        let req = ServerRequest {
-            image: args.image.image.clone(),
-            options,
-            mountpoint: args.mountpoint.clone(),
-            control_fd,
-            handoff: if args.detached {
+    let server = Server::new(args.image.image.clone(), options, Arc::new(LinuxSyscalls));
+    let ended = match args.control_fd {
+        Some(control_fd) => {
+            let hand_off = if args.detached {
                 HandOff::MountFd
             } else if args.serve_fd {
                 HandOff::ServeFd
             } else {
-                HandOff::HostPath
-            },
-        };
-        return launcher::server::serve(req, Arc::new(LinuxSyscalls)).map_err(launcher_error);
-    }
-    let req = MountRequest {
-        image: args.image.image.clone(),
+                HandOff::HostPath {
+                    mountpoint: args.mountpoint.clone(),
+                }
+            };
+            server
+                .run(control::role(control_fd, hand_off))
+                .map_err(|e| e.to_string())
+        }
         // clap requires a mount point without --control-fd.
-        mountpoint: args.mountpoint.clone().unwrap_or_default(),
-        options,
+        None => server
+            .run(Standalone::new(args.mountpoint.clone().unwrap_or_default()))
+            .map_err(|e| e.to_string()),
     };
-    sifuse::mount::mount(&req, Arc::new(LinuxSyscalls)).map_err(mount_error)
-}
-
-/// An error of launcher mode as the binary reports it: one line.
-pub fn launcher_error(e: LauncherError) -> Error {
-    match e {
-        LauncherError::Mount(e) => mount_error(e),
-        e => Error::Io(io::Error::other(e.to_string())),
+    match ended {
+        Ok(ending) => Exit::Served(ending),
+        Err(message) => Exit::failed(message),
     }
 }
 
 /// Run `sifuse umount`.
 pub fn umount(args: &UmountArgs) -> Result<()> {
-    sifuse::mount::umount(&LinuxSyscalls, &args.mountpoint, args.lazy).map_err(mount_error)
+    sifuse::mount::umount(&LinuxSyscalls, &args.mountpoint, args.lazy)
+        .map_err(|e| Error::Io(io::Error::other(e.to_string())))
 }

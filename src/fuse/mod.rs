@@ -148,7 +148,6 @@ impl ArchiveFs {
                 root.number
             )));
         }
-        crate::cache::tune_for_serving();
         let archive = Arc::new(archive);
         // One read-ahead worker per CPU: a sequential reader then uses every core.
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));

@@ -1,64 +1,37 @@
-//! Launcher mode: sifuse owns the host side of a container's mount, so that nothing is
-//! left behind whatever is killed, whenever.
+//! A launcher: `sifuse run`, which runs a command with the image as its read-only root, on
+//! top of launcher mode's control protocol. It is the other end of [`crate::control`]: it
+//! starts the server, speaks the [`crate::control::protocol`]'s messages with it, and builds
+//! the container.
 //!
-//! - [`server`]: `sifuse mount --control-fd FD`, the protocol of [`protocol`] on an
-//!   inherited stream. The host copy of the mount is detached as soon as the container
-//!   holds its own, or cleaned up when the container never starts.
-//! - [`watcher`]: a forked process that cleans up after a server that died (even by
-//!   SIGKILL) before the host copy was detached.
-//! - [`handoff`]: `--detached` and `--serve-fd`, the hand-offs by descriptor of a
-//!   detached mount (the new mount API), which never shows on the host at all.
-//! - [`run`]: `sifuse run`, a reference launcher on top of the protocol; [`rootfs`]: the
-//!   mounts that make its container's root.
-//!
-//! The decisions sit on top of narrow traits for the kernel calls ([`host::HostSyscalls`]
-//! here, [`crate::mount::sys::MountSyscalls`] below), so that every transition, each call
-//! failing included, is unit-tested without privileges.
+//! - [`container`]: the steps, for the detached mount (the default) and for the
+//!   host-path hand-off; [`server_process`]: the server it starts, every wait bounded.
+//! - [`rootfs`]: which mounts make the image a container root, and making them.
+//! - [`sys`]: every kernel call it makes (namespaces, mounts, pivot_root, fork, pidfds),
+//!   behind [`sys::ContainerSyscalls`], so that each failure branch is unit-tested without
+//!   privileges.
 
-pub mod fdpass;
-pub mod handoff;
-pub mod host;
-pub mod protocol;
+pub mod container;
 pub mod rootfs;
-pub mod run;
-pub mod server;
-pub mod watcher;
+pub mod server_process;
+pub mod sys;
 
 use std::io;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use crate::mount::detached::DetachedError;
-use crate::mount::MountError;
 
-/// Why launcher mode failed.
+pub use container::{run_container, ContainerRequest};
+
+/// Why `sifuse run` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LauncherError {
-    #[error("cannot create a private directory in {}: {source}", path.display())]
-    TempDir { path: PathBuf, source: io::Error },
-    #[error("cannot remove {}: {source}", path.display())]
-    Remove { path: PathBuf, source: io::Error },
-    #[error("cannot unmount {}: {source}", path.display())]
-    Unmount { path: PathBuf, source: io::Error },
-    #[error("mount point {}: {source}", path.display())]
-    Mountpoint { path: PathBuf, source: io::Error },
-    #[error("control descriptor {fd}: {reason}")]
-    Control { fd: i32, reason: String },
-    #[error("cannot start the cleanup watcher: {0}")]
-    Watcher(io::Error),
-    #[error(transparent)]
-    Mount(#[from] MountError),
-    #[error("the mount went away before the container started")]
-    MountGone,
     #[error("{what}: {source}")]
     Setup { what: String, source: io::Error },
     #[error("cannot run {command}: {source}")]
     Exec { command: String, source: io::Error },
-    #[error("{source}{hint}")]
-    Detached {
-        source: DetachedError,
-        /// What the caller may do about it, if anything.
-        hint: &'static str,
-    },
+    #[error("{source}{hint}", hint = .source.hint())]
+    Detached { source: DetachedError },
     #[error("the sifuse server: {0}")]
     Server(String),
 }
@@ -70,5 +43,57 @@ impl LauncherError {
             what: what.into(),
             source: source.into(),
         }
+    }
+}
+
+/// `--bind SRC[:DST]`: the host's SRC at DST inside the container (DST defaults to SRC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub source: PathBuf,
+    pub dest: PathBuf,
+}
+
+impl FromStr for Bind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Bind, String> {
+        let (source, dest) = s.split_once(':').unwrap_or((s, s));
+        if source.is_empty() || dest.is_empty() {
+            return Err(format!("{s:?}: expected SRC or SRC:DST"));
+        }
+        if !dest.starts_with('/') {
+            return Err(format!(
+                "{dest:?}: the destination must be an absolute path"
+            ));
+        }
+        Ok(Bind {
+            source: source.into(),
+            dest: dest.into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_parse() {
+        assert_eq!(
+            "/a".parse::<Bind>().unwrap(),
+            Bind {
+                source: "/a".into(),
+                dest: "/a".into()
+            }
+        );
+        assert_eq!(
+            "data:/mnt/d".parse::<Bind>().unwrap(),
+            Bind {
+                source: "data".into(),
+                dest: "/mnt/d".into()
+            }
+        );
+        assert!("a:b".parse::<Bind>().unwrap_err().contains("absolute"));
+        assert!(":/x".parse::<Bind>().is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! The container's root for `sifuse run`: which mounts make the image a root ([`plan`]),
-//! and making them ([`apply`]) through the narrow [`RootSyscalls`], so that every decision,
-//! the fallbacks included, is unit-tested without privileges.
+//! and making them ([`apply`]) through the narrow [`RootSyscalls`] (the real calls are
+//! [`super::sys::LinuxContainer`]'s), so that every decision, the fallbacks included, is
+//! unit-tested without privileges.
 //!
 //! The host's /sys and /proc come in as recursive binds, with whatever is mounted below
 //! them (cgroup hierarchies under /sys/fs/cgroup, binfmt_misc under /proc/sys/fs, ...).
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::MsFlags;
 use nix::sys::statvfs::FsFlags;
 
-use super::run::Bind;
+use super::Bind;
 use super::LauncherError;
 
 /// One step of building the container's root, in order.
@@ -133,7 +134,7 @@ pub trait RootSyscalls {
 
 /// Make the trees topped by `tops` read-only: a tree at once with mount_setattr where the
 /// kernel has it, else one remount per mount that mountinfo shows in it.
-fn read_only_trees(sys: &dyn RootSyscalls, tops: &[PathBuf]) -> io::Result<()> {
+fn read_only_trees<S: RootSyscalls + ?Sized>(sys: &S, tops: &[PathBuf]) -> io::Result<()> {
     for top in tops {
         match sys.set_read_only(top, true) {
             Ok(()) => {}
@@ -150,7 +151,7 @@ fn read_only_trees(sys: &dyn RootSyscalls, tops: &[PathBuf]) -> io::Result<()> {
 }
 
 /// The topmost mounts strictly below `target`: each is the top of a tree below it.
-fn trees_below(sys: &dyn RootSyscalls, target: &Path) -> io::Result<Vec<PathBuf>> {
+fn trees_below<S: RootSyscalls + ?Sized>(sys: &S, target: &Path) -> io::Result<Vec<PathBuf>> {
     let mut tops: Vec<PathBuf> = Vec::new();
     for mount in sys.mount_points_under(target)? {
         if mount != target && !tops.iter().any(|t| mount.starts_with(t)) {
@@ -161,7 +162,7 @@ fn trees_below(sys: &dyn RootSyscalls, target: &Path) -> io::Result<Vec<PathBuf>
 }
 
 /// Make one step.
-pub fn apply(sys: &dyn RootSyscalls, step: &Step) -> Result<(), LauncherError> {
+pub fn apply<S: RootSyscalls + ?Sized>(sys: &S, step: &Step) -> Result<(), LauncherError> {
     match step {
         Step::Bind { source, target } => sys.bind(source, target).map_err(|e| {
             LauncherError::setup(
@@ -194,92 +195,6 @@ pub fn apply(sys: &dyn RootSyscalls, step: &Step) -> Result<(), LauncherError> {
         Step::Tmpfs(target) => sys.tmpfs(target).map_err(|e| {
             LauncherError::setup(format!("cannot mount a tmpfs on {}", target.display()), e)
         }),
-    }
-}
-
-/// The real calls.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct LinuxRoot;
-
-/// struct mount_attr of <linux/mount.h>.
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-/// AT_RECURSIVE of <linux/fcntl.h>.
-const AT_RECURSIVE: libc::c_uint = 0x8000;
-
-impl RootSyscalls for LinuxRoot {
-    fn bind(&self, source: &Path, target: &Path) -> io::Result<()> {
-        let none: Option<&str> = None;
-        nix::mount::mount(
-            Some(source),
-            target,
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            none,
-        )
-        .map_err(io::Error::from)
-    }
-
-    fn remount_read_only(&self, target: &Path) -> io::Result<()> {
-        let none: Option<&str> = None;
-        let st = nix::sys::statvfs::statvfs(target)?;
-        nix::mount::mount(none, target, none, readonly_remount_flags(st.flags()), none)
-            .map_err(io::Error::from)
-    }
-
-    fn set_read_only(&self, target: &Path, recursive: bool) -> io::Result<()> {
-        use std::os::unix::ffi::OsStrExt;
-        let path = std::ffi::CString::new(target.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
-        let attr = MountAttr {
-            attr_set: MOUNT_ATTR_RDONLY,
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        };
-        let flags =
-            libc::AT_SYMLINK_NOFOLLOW as libc::c_uint | if recursive { AT_RECURSIVE } else { 0 };
-        // SAFETY: a valid C string and a mount_attr of the size passed.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                libc::AT_FDCWD,
-                path.as_ptr(),
-                flags,
-                &attr as *const MountAttr,
-                std::mem::size_of::<MountAttr>(),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    fn mount_points_under(&self, target: &Path) -> io::Result<Vec<PathBuf>> {
-        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-        Ok(crate::mount::mountinfo::mount_points(&info)
-            .into_iter()
-            .filter(|p| p.starts_with(target))
-            .collect())
-    }
-
-    fn tmpfs(&self, target: &Path) -> io::Result<()> {
-        nix::mount::mount(
-            Some("tmpfs"),
-            target,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=1777"),
-        )
-        .map_err(io::Error::from)
     }
 }
 

@@ -8,11 +8,11 @@
 //! is at the path (the directory's own file system, or another mount) is left alone.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use super::options::Access;
-use super::sys::{MountFlags, MountId, MountSyscalls, PinnedMount};
+use super::spec::MountSpec;
+use super::sys::{MountId, MountSyscalls, PinnedMount};
 use crate::source::inherited_fd;
 
 /// How a mount was made, which decides how to undo it.
@@ -44,82 +44,41 @@ impl Attachment {
     }
 }
 
-/// What to mount.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountSpec {
-    /// The source mountinfo shows.
-    pub source: String,
-    /// mountinfo shows the type as `fuse.SUBTYPE`.
-    pub subtype: String,
-    pub flags: MountFlags,
-    pub access: Access,
-}
-
-/// The kernel's FUSE mount data. The kernel enforces mode bits only with
-/// default_permissions, which every mount that others can use gets.
-fn kernel_data(fd: i32, (uid, gid): (u32, u32), access: Access) -> String {
-    let mut data = format!("fd={fd},rootmode=40000,user_id={uid},group_id={gid}");
-    if access.kernel_allows_others(uid) {
-        data += ",default_permissions,allow_other";
-    }
-    data
-}
-
-/// Escape `,` and `\` for fusermount3's option parser.
-fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace(',', "\\,")
-}
-
-/// fusermount3's `-o` list for a mount `uid` owns. allow_root is allow_other to the
-/// kernel; the server refuses everyone else itself ([`crate::fuse::access`]).
-fn helper_options(spec: &MountSpec, uid: u32) -> String {
-    let mut opts = vec!["ro".to_string()];
-    opts.push(if spec.flags.nosuid { "nosuid" } else { "suid" }.into());
-    opts.push(if spec.flags.nodev { "nodev" } else { "dev" }.into());
-    if spec.access.kernel_allows_others(uid) {
-        opts.push("default_permissions".into());
-        opts.push("allow_other".into());
-    }
-    opts.push(format!("fsname={}", escape(&spec.source)));
-    opts.push(format!("subtype={}", escape(&spec.subtype)));
-    opts.join(",")
-}
-
 /// Whether descriptor `fd` is open on the FUSE device (character device 10:229).
-fn is_fuse_device(fd: i32) -> bool {
-    // SAFETY: fstat on a descriptor inherited_fd found open.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    nix::sys::stat::fstat(borrowed).is_ok_and(|st| {
+pub fn is_fuse_descriptor(fd: BorrowedFd<'_>) -> bool {
+    nix::sys::stat::fstat(fd).is_ok_and(|st| {
         st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(10, 229)
     })
 }
 
-/// The descriptor `/dev/fd/N` names, when it is open on the FUSE device.
-fn inherited_fuse_fd(target: &Path) -> Option<i32> {
-    inherited_fd(target).filter(|&fd| target.starts_with("/dev/fd") && is_fuse_device(fd))
+/// The descriptor `/dev/fd/N` names, when this process has it open on the FUSE device: a
+/// /dev/fuse descriptor someone else mounted (Apptainer's setuid starter passes one).
+fn inherited_fuse_fd(target: &Path) -> Option<RawFd> {
+    let fd = inherited_fd(target).filter(|_| target.starts_with("/dev/fd"))?;
+    // SAFETY: inherited_fd found `fd` open in this process, and the borrow ends with
+    // this call, before anything could close it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    is_fuse_descriptor(borrowed).then_some(fd)
 }
 
-/// Whether `target` names an inherited, already mounted FUSE descriptor (`/dev/fd/N`).
-pub fn is_inherited_fuse_fd(target: &Path) -> bool {
-    inherited_fuse_fd(target).is_some()
+/// Take the inherited FUSE descriptor `/dev/fd/N` names, to serve it: from here on this
+/// process owns it. None when `target` is no such descriptor (an ordinary mount point).
+pub fn take_inherited_fuse_fd(target: &Path) -> Option<OwnedFd> {
+    let fd = inherited_fuse_fd(target)?;
+    // SAFETY: the descriptor is open (checked above) and was handed to this process to
+    // serve; nothing else in it uses the number, so owning it closes it exactly once.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Mount at `target` (absolute, or `/dev/fd/N` naming an already mounted /dev/fuse
-/// descriptor); returns the /dev/fuse descriptor to serve and how to undo the mount.
-/// `created` hears the new mount's identity as early as the kernel allows (see
-/// [`MountSyscalls::mount`]); not for an inherited descriptor, which is no mount of ours.
+/// Mount `spec` at the directory `target` (absolute); returns the /dev/fuse descriptor to
+/// serve and how to undo the mount. `mount_made` hears the new mount's identity as early as
+/// the kernel allows (see [`MountSyscalls::mount`]).
 pub fn attach(
     sys: &dyn MountSyscalls,
     target: &Path,
     spec: &MountSpec,
-    created: &mut dyn FnMut(MountId),
+    mount_made: &mut dyn FnMut(MountId),
 ) -> io::Result<(OwnedFd, Attachment)> {
-    if let Some(fd) = inherited_fuse_fd(target) {
-        // SAFETY: inherited_fd checked that the descriptor is open; from here on this
-        // process serves it and nothing else uses the number.
-        return Ok((unsafe { OwnedFd::from_raw_fd(fd) }, Attachment::Inherited));
-    }
-    let owner = sys.user_and_group();
     if sys.is_root() {
         let fuse = sys.open_fuse_device().map_err(|e| {
             let hint = match e.raw_os_error() {
@@ -132,10 +91,7 @@ pub fn attach(
                 format!("cannot open {}: {e}{hint}", super::sys::FUSE_DEVICE),
             )
         })?;
-        use std::os::fd::AsRawFd;
-        let data = kernel_data(fuse.as_raw_fd(), owner, spec.access);
-        let fstype = format!("fuse.{}", spec.subtype);
-        match sys.mount(&spec.source, target, &fstype, spec.flags, &data, created) {
+        match sys.mount(spec, fuse.as_fd(), target, mount_made) {
             Ok(id) => {
                 let path = target.to_path_buf();
                 return Ok((fuse, Attachment::Kernel { path, id }));
@@ -146,19 +102,19 @@ pub fn attach(
             Err(e) => return Err(e),
         }
     }
-    let fd = sys.fusermount_mount(target, &helper_options(spec, owner.0))?;
+    let fd = sys.fusermount_mount(target, &spec.helper_options())?;
     // The helper mounted it: learn which mount it is at once. Only its owner (or root)
     // could have replaced it meanwhile.
     let id = sys.pin_mount(target)?.id;
-    created(id);
+    mount_made(id);
     let path = target.to_path_buf();
     Ok((fd, Attachment::Helper { path, id }))
 }
 
-/// Undo [`attach`]. Nothing to do for an inherited descriptor: its owner unmounts it, and
+/// Unmount what [`attach`] made, lazily or not. Nothing to do for an inherited descriptor: its owner unmounts it, and
 /// the connection ends when this process closes the descriptor. A mount that is no
 /// longer at its path is not looked for, and nothing else is unmounted.
-pub fn detach(sys: &dyn MountSyscalls, attachment: &Attachment, lazy: bool) -> io::Result<()> {
+pub fn unmount(sys: &dyn MountSyscalls, attachment: &Attachment, lazy: bool) -> io::Result<()> {
     let (Some(path), Some(id)) = (attachment.path(), attachment.id()) else {
         return Ok(());
     };
@@ -247,6 +203,8 @@ pub fn unmount_fuse_at(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::mount::options::Access;
+    use crate::mount::sys::MountFlags;
     use std::sync::Mutex;
 
     /// The mount at every path before anything is mounted (a tmpfs, say).
@@ -321,22 +279,25 @@ pub(crate) mod tests {
         }
         fn mount(
             &self,
-            source: &str,
+            spec: &MountSpec,
+            fuse: BorrowedFd<'_>,
             target: &Path,
-            fstype: &str,
-            flags: MountFlags,
-            data: &str,
-            created: &mut dyn FnMut(MountId),
+            mount_made: &mut dyn FnMut(MountId),
         ) -> io::Result<MountId> {
-            let data = data.split_once(',').map_or(data, |(_fd, rest)| rest);
+            use std::os::fd::AsRawFd;
+            let data = spec.mount_data(fuse.as_raw_fd());
+            let data = data.split_once(',').map_or(&*data, |(_fd, rest)| rest);
             self.log(format!(
-                "mount {source} {} {fstype} {flags:?} {data}",
-                target.display()
+                "mount {} {} {} {:?} {data}",
+                spec.source,
+                target.display(),
+                spec.fstype(),
+                spec.flags
             ));
             if let Some(e) = self.mount_errno {
                 return Err(io::Error::from_raw_os_error(e));
             }
-            created(OURS);
+            mount_made(OURS);
             self.someone_mounts(OURS);
             Ok(OURS)
         }
@@ -389,6 +350,7 @@ pub(crate) mod tests {
                 nodev: true,
             },
             access,
+            owner: (1000, 100),
         }
     }
 
@@ -501,17 +463,13 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn inherited_fuse_descriptors_are_served_as_they_are() {
+    fn inherited_fuse_descriptors_are_taken_as_they_are() {
         use std::os::fd::{AsRawFd, IntoRawFd};
         // Any /dev/fd/N that is not the FUSE device is an ordinary mount point.
         let dev_null = std::fs::File::open("/dev/null").unwrap();
-        let sys = FakeSys {
-            root: true,
-            ..Default::default()
-        };
         let target = format!("/dev/fd/{}", dev_null.as_raw_fd());
-        let (how, _) = attach_at(&sys, &target, Access::Owner);
-        assert_eq!(how, kernel(&target));
+        assert!(take_inherited_fuse_fd(Path::new(&target)).is_none());
+        assert!(!is_fuse_descriptor(dev_null.as_fd()));
         // Opening /dev/fuse needs no privilege (when the device exists).
         let fuse = std::fs::OpenOptions::new()
             .read(true)
@@ -520,23 +478,18 @@ pub(crate) mod tests {
             .unwrap_or_else(|e| {
                 panic!("this test needs /dev/fuse (load the fuse module): cannot open it: {e}")
             });
+        assert!(is_fuse_descriptor(fuse.as_fd()));
         let fd = fuse.into_raw_fd();
+        // Only under /dev/fd: another path to the same number is a directory name.
+        assert!(take_inherited_fuse_fd(Path::new(&format!("/proc/self/fd/{fd}"))).is_none());
+        let owned = take_inherited_fuse_fd(Path::new(&format!("/dev/fd/{fd}"))).unwrap();
+        assert_eq!(owned.as_raw_fd(), fd);
+        // Someone else's mount: nothing to undo.
         let sys = FakeSys {
             root: true,
             ..Default::default()
         };
-        let mut heard = Vec::new();
-        let (owned, how) = attach(
-            &sys,
-            Path::new(&format!("/dev/fd/{fd}")),
-            &spec(Access::Owner),
-            &mut |id| heard.push(id),
-        )
-        .unwrap();
-        assert_eq!(how, Attachment::Inherited);
-        assert_eq!(owned.as_raw_fd(), fd);
-        assert!(sys.calls().is_empty() && heard.is_empty());
-        detach(&sys, &how, true).unwrap();
+        unmount(&sys, &Attachment::Inherited, true).unwrap();
         assert!(sys.calls().is_empty());
     }
 
@@ -559,7 +512,7 @@ pub(crate) mod tests {
             ..Default::default()
         };
         userns_root.someone_mounts(OURS);
-        detach(&userns_root, &helper("/m"), true).unwrap();
+        unmount(&userns_root, &helper("/m"), true).unwrap();
         assert_eq!(
             userns_root.calls(),
             ["umount /m lazy=true", "fusermount3 -u lazy=true /m"]
@@ -591,7 +544,7 @@ pub(crate) mod tests {
             let (how, _) = attach_at(&sys, "/m", Access::Owner);
             let made = sys.calls().len();
             sys.someone_unmounts();
-            detach(&sys, &how, true).unwrap();
+            unmount(&sys, &how, true).unwrap();
             assert_eq!(sys.calls().len(), made, "{:?}", sys.calls());
             assert_eq!(sys.top(), UNDERNEATH, "the tmpfs stays");
 
@@ -606,12 +559,12 @@ pub(crate) mod tests {
             };
             sys.someone_mounts(other);
             assert!(!unmount_exact(&sys, Path::new("/m"), OURS, true).unwrap());
-            detach(&sys, &how, false).unwrap();
+            unmount(&sys, &how, false).unwrap();
             assert_eq!(sys.calls().len(), made);
             assert_eq!(sys.top(), other);
             // Its own mount, once on top again, goes.
             sys.someone_unmounts();
-            detach(&sys, &how, false).unwrap();
+            unmount(&sys, &how, false).unwrap();
             assert_eq!(sys.top(), UNDERNEATH);
         }
         // Never mounted: the path shows only what was there.

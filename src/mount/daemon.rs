@@ -71,22 +71,22 @@ fn readiness_pipe() -> io::Result<(ReadinessWait, Readiness)> {
 
 /// Which process this is after [`daemonize`].
 #[derive(Debug)]
-pub enum Role {
-    /// The caller's process: wait for the report, then exit.
+pub enum Fork {
+    /// The caller's process: wait for the report; its part ends there.
     Parent(ReadinessWait),
     /// The daemon: serve, and report readiness.
     Daemon(Readiness),
 }
 
 /// Fork. The daemon detaches from the caller's session, directory and standard streams.
-pub fn daemonize() -> io::Result<Role> {
+pub fn daemonize() -> io::Result<Fork> {
     let (wait, ready) = readiness_pipe()?;
     // SAFETY: called while the process has one thread (see the module comment), so the
     // child's memory is consistent.
     match unsafe { fork() }? {
         ForkResult::Parent { .. } => {
             drop(ready);
-            Ok(Role::Parent(wait))
+            Ok(Fork::Parent(wait))
         }
         ForkResult::Child => {
             drop(wait);
@@ -100,7 +100,7 @@ pub fn daemonize() -> io::Result<Role> {
             nix::unistd::dup2_stdin(&null)?;
             nix::unistd::dup2_stdout(&null)?;
             nix::unistd::dup2_stderr(&null)?;
-            Ok(Role::Daemon(ready))
+            Ok(Fork::Daemon(ready))
         }
     }
 }

@@ -9,11 +9,12 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use super::options::Access;
-use super::sys::MountFlags;
+use super::options::MountOptions;
+use super::spec::MountSpec;
+use super::sys::{MountFlags, MountSyscalls};
 
 // From <linux/mount.h>; the libc crate has the syscall numbers but not these.
 const FSOPEN_CLOEXEC: libc::c_uint = 0x1;
@@ -29,6 +30,9 @@ const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 /// Why a detached mount could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum DetachedError {
+    /// /dev/fuse could not be opened.
+    #[error("cannot open /dev/fuse: {0}")]
+    FuseDevice(io::Error),
     /// The kernel has no new mount API (before 5.2), or FUSE does not take it: the caller
     /// can fall back to mounting on a directory.
     #[error("this kernel lacks the new mount API for FUSE ({call}: {source}); fall back to mounting on a directory")]
@@ -59,29 +63,33 @@ impl DetachedError {
         matches!(self, DetachedError::Unsupported { .. })
     }
 
+    /// What a caller who chose its own namespaces may do about a refusal, to follow the
+    /// message (empty for anything else).
+    pub fn hint(&self) -> &'static str {
+        match self {
+            DetachedError::Failed { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+            {
+                " (unprivileged, the caller needs CAP_SYS_ADMIN in a user namespace that owns \
+                 its mount namespace, as after unshare -r -m, and a /dev/fuse it may open)"
+            }
+            _ => "",
+        }
+    }
+
     /// As an I/O error: the kernel's own where it refused the privilege (EPERM, which
     /// callers answer by trying fusermount3), else of the same kind, with the message.
     pub fn into_io(self) -> io::Error {
-        let (DetachedError::Unsupported { source, .. } | DetachedError::Failed { source, .. }) =
-            &self;
+        let source = match &self {
+            DetachedError::FuseDevice(source)
+            | DetachedError::Unsupported { source, .. }
+            | DetachedError::Failed { source, .. } => source,
+        };
         if source.raw_os_error() == Some(libc::EPERM) {
             return io::Error::from_raw_os_error(libc::EPERM);
         }
         io::Error::new(source.kind(), self.to_string())
     }
-}
-
-/// What the detached mount looks like.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DetachedSpec {
-    /// The source mountinfo shows once attached.
-    pub source: String,
-    /// mountinfo shows the type as `fuse.SUBTYPE`.
-    pub subtype: String,
-    pub flags: MountFlags,
-    pub access: Access,
-    /// The user and group the kernel lets use the mount (besides allow_other).
-    pub owner: (u32, u32),
 }
 
 fn last_error() -> io::Error {
@@ -96,9 +104,10 @@ fn cstring(s: &str) -> io::Result<CString> {
 fn context_log(fs: &OwnedFd) -> String {
     let mut lines = Vec::new();
     let mut buf = [0u8; 512];
-    // SAFETY: reading into a buffer of the length passed; a context descriptor returns
-    // one message per read and ENODATA once empty.
+    // A context descriptor returns one message per read, and ENODATA once empty.
     loop {
+        // SAFETY: read(2) writes at most `buf.len()` bytes into `buf`, which lives across
+        // the call; `fs` is an open descriptor this function borrows.
         let n = unsafe { libc::read(fs.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n <= 0 || lines.len() > 16 {
             break;
@@ -114,7 +123,8 @@ fn context_log(fs: &OwnedFd) -> String {
 
 fn set_string(fs: &OwnedFd, key: &str, value: &str) -> io::Result<()> {
     let (k, v) = (cstring(key)?, cstring(value)?);
-    // SAFETY: valid C strings; fsconfig copies them.
+    // SAFETY: `k` and `v` are NUL-terminated strings that live across the call, which
+    // copies them; `fs` is an open context descriptor.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_fsconfig,
@@ -134,7 +144,8 @@ fn set_string(fs: &OwnedFd, key: &str, value: &str) -> io::Result<()> {
 
 fn set_flag(fs: &OwnedFd, key: &str) -> io::Result<()> {
     let k = cstring(key)?;
-    // SAFETY: a valid C string; no value for a flag.
+    // SAFETY: `k` is a NUL-terminated string that lives across the call, which copies it;
+    // a flag takes a null value; `fs` is an open context descriptor.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_fsconfig,
@@ -152,58 +163,16 @@ fn set_flag(fs: &OwnedFd, key: &str) -> io::Result<()> {
     }
 }
 
-/// Create a detached FUSE mount served through `fuse` (an open /dev/fuse descriptor);
-/// returns the mount's descriptor (close-on-exec). The FUSE connection starts now: the
-/// first access through the mount waits for the server's INIT reply.
-pub fn create(fuse: BorrowedFd<'_>, spec: &DetachedSpec) -> Result<OwnedFd, DetachedError> {
-    let (uid, gid) = spec.owner;
+/// Create a detached FUSE mount of `spec` served through `fuse` (an open /dev/fuse
+/// descriptor); returns the mount's descriptor (close-on-exec). The FUSE connection starts
+/// now: the first access through the mount waits for the server's INIT reply.
+pub fn create(fuse: BorrowedFd<'_>, spec: &MountSpec) -> Result<OwnedFd, DetachedError> {
     let mut params: Vec<(&str, Option<String>)> = vec![
         ("source", Some(spec.source.clone())),
         ("subtype", Some(spec.subtype.clone())),
-        ("fd", Some(fuse.as_raw_fd().to_string())),
-        ("rootmode", Some("40000".into())),
-        ("user_id", Some(uid.to_string())),
-        ("group_id", Some(gid.to_string())),
     ];
-    if spec.access.kernel_allows_others(uid) {
-        // As for mount(2): the kernel enforces mode bits for everyone else.
-        params.push(("default_permissions", None));
-        params.push(("allow_other", None));
-    }
+    params.extend(spec.fuse_parameters(fuse.as_raw_fd()));
     create_mount(&params, spec.flags)
-}
-
-/// Create, detached, the mount that mount(2) would make of `fstype` (`fuse` or
-/// `fuse.SUBTYPE`) from `source` with the option string `data` (`key=value` and bare
-/// flags, comma-separated, as the kernel's FUSE driver takes them).
-pub fn create_from_data(
-    source: &str,
-    fstype: &str,
-    flags: MountFlags,
-    data: &str,
-) -> Result<OwnedFd, DetachedError> {
-    let mut params: Vec<(&str, Option<String>)> = vec![("source", Some(source.to_string()))];
-    match fstype.split_once('.') {
-        Some(("fuse", subtype)) => params.push(("subtype", Some(subtype.to_string()))),
-        None if fstype == "fuse" => {}
-        _ => {
-            return Err(DetachedError::Failed {
-                call: "fsopen",
-                source: io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{fstype} is not a FUSE file system type"),
-                ),
-                log: String::new(),
-            })
-        }
-    }
-    for item in data.split(',').filter(|i| !i.is_empty()) {
-        params.push(match item.split_once('=') {
-            Some((key, value)) => (key, Some(value.to_string())),
-            None => (item, None),
-        });
-    }
-    create_mount(&params, flags)
 }
 
 /// fsopen("fuse"), one fsconfig per parameter (a string, or a flag where there is no
@@ -213,7 +182,8 @@ fn create_mount(
     flags: MountFlags,
 ) -> Result<OwnedFd, DetachedError> {
     let name = cstring("fuse").expect("no NUL");
-    // SAFETY: a valid C string.
+    // SAFETY: `name` is a NUL-terminated string that lives across the call, which only
+    // reads it.
     let raw = unsafe { libc::syscall(libc::SYS_fsopen, name.as_ptr(), FSOPEN_CLOEXEC) };
     if raw < 0 {
         let e = last_error();
@@ -229,7 +199,8 @@ fn create_mount(
             },
         });
     }
-    // SAFETY: fsopen returned a new descriptor this function owns.
+    // SAFETY: fsopen returned a new descriptor that nothing else in this process knows of:
+    // owning it closes it exactly once.
     let fs = unsafe { OwnedFd::from_raw_fd(raw as i32) };
     let failed = |call: &'static str, source: io::Error| DetachedError::Failed {
         call,
@@ -245,7 +216,8 @@ fn create_mount(
     }
     // A read-only superblock too, as mount(2) with MS_RDONLY makes.
     set_flag(&fs, "ro").map_err(|e| failed("fsconfig", e))?;
-    // SAFETY: no pointers.
+    // SAFETY: fsconfig(FSCONFIG_CMD_CREATE) on the open context `fs` takes a null key and
+    // value, so the kernel reads no memory of this process.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_fsconfig,
@@ -266,12 +238,14 @@ fn create_mount(
     if flags.nodev {
         attrs |= MOUNT_ATTR_NODEV;
     }
-    // SAFETY: no pointers.
+    // SAFETY: fsmount(2) takes the open context `fs` and integer flags only: the kernel
+    // reads no memory of this process.
     let raw = unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) };
     if raw < 0 {
         return Err(failed("fsmount", last_error()));
     }
-    // SAFETY: fsmount returned a new descriptor; the caller owns it.
+    // SAFETY: fsmount returned a new descriptor that nothing else in this process knows of;
+    // the caller owns it from here on.
     Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
 }
 
@@ -281,7 +255,8 @@ pub fn attach_at(mount: BorrowedFd<'_>, target: &Path) -> io::Result<()> {
     let empty = cstring("").expect("no NUL");
     let to = CString::new(target.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the target path"))?;
-    // SAFETY: valid C strings.
+    // SAFETY: `empty` and `to` are NUL-terminated strings that live across the call, which
+    // only reads them; `mount` is a borrowed, open mount descriptor.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_move_mount,
@@ -296,5 +271,171 @@ pub fn attach_at(mount: BorrowedFd<'_>, target: &Path) -> io::Result<()> {
         Err(last_error())
     } else {
         Ok(())
+    }
+}
+
+/// Whether this kernel has the new mount API at all: fsopen with no name fails with
+/// EFAULT (or EPERM without the capability) where it exists, ENOSYS where it does not.
+pub fn kernel_has_mount_api() -> bool {
+    // SAFETY: fsopen with a null name reads nothing: the kernel fails the call before it
+    // could create anything.
+    let rc = unsafe { libc::syscall(libc::SYS_fsopen, std::ptr::null::<libc::c_char>(), 0) };
+    if rc >= 0 {
+        // SAFETY: rc is a descriptor this call created (it cannot, but close it if it did)
+        // and nothing else knows of it.
+        unsafe { libc::close(rc as i32) };
+        return true;
+    }
+    io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS)
+}
+
+/// The kernel calls that make a detached mount, behind a narrow trait so that what a
+/// launcher hears when they fail is unit-tested without privileges.
+pub trait DetachedSyscalls {
+    /// Open /dev/fuse for reading and writing, close-on-exec.
+    fn open_fuse(&self) -> io::Result<OwnedFd>;
+    /// fsopen, fsconfig, FSCONFIG_CMD_CREATE, fsmount: [`create`].
+    fn create_detached(
+        &self,
+        fuse: BorrowedFd<'_>,
+        spec: &MountSpec,
+    ) -> Result<OwnedFd, DetachedError>;
+    /// The real user and group of this process, who will own the mount.
+    fn user_and_group(&self) -> (u32, u32);
+}
+
+/// The real calls: /dev/fuse and the owner as the mount layer's syscalls give them.
+pub struct LinuxDetached<'a>(pub &'a dyn MountSyscalls);
+
+impl DetachedSyscalls for LinuxDetached<'_> {
+    fn open_fuse(&self) -> io::Result<OwnedFd> {
+        self.0.open_fuse_device()
+    }
+    fn create_detached(
+        &self,
+        fuse: BorrowedFd<'_>,
+        spec: &MountSpec,
+    ) -> Result<OwnedFd, DetachedError> {
+        create(fuse, spec)
+    }
+    fn user_and_group(&self) -> (u32, u32) {
+        self.0.user_and_group()
+    }
+}
+
+/// A detached mount and the /dev/fuse descriptor whose server serves it.
+#[derive(Debug)]
+pub struct DetachedMount {
+    pub fuse: OwnedFd,
+    pub mount: OwnedFd,
+}
+
+/// Open /dev/fuse and create the detached mount of `image` that `options` ask for, owned
+/// by this process's user: what `--detached` hands to a launcher, and what `sifuse run`
+/// creates inside its namespaces for `--serve-fd`.
+pub fn make<S: DetachedSyscalls + ?Sized>(
+    sys: &S,
+    image: &Path,
+    options: &MountOptions,
+) -> Result<DetachedMount, DetachedError> {
+    let fuse = sys.open_fuse().map_err(DetachedError::FuseDevice)?;
+    let spec = MountSpec::new(image, options, sys.user_and_group());
+    let mount = sys.create_detached(fuse.as_fd(), &spec)?;
+    Ok(DetachedMount { fuse, mount })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::sync::Mutex;
+
+    /// Answers as configured; records the spec it was asked for.
+    pub(crate) struct FakeDetached {
+        pub open_errno: Option<i32>,
+        pub create: fn() -> Result<OwnedFd, DetachedError>,
+        pub asked: Mutex<Option<MountSpec>>,
+    }
+
+    impl FakeDetached {
+        /// Every call succeeds.
+        pub(crate) fn working() -> FakeDetached {
+            FakeDetached {
+                open_errno: None,
+                create: || Ok(File::open("/dev/null").unwrap().into()),
+                asked: Mutex::default(),
+            }
+        }
+    }
+
+    impl DetachedSyscalls for FakeDetached {
+        fn open_fuse(&self) -> io::Result<OwnedFd> {
+            match self.open_errno {
+                Some(e) => Err(io::Error::from_raw_os_error(e)),
+                None => Ok(File::open("/dev/null")?.into()),
+            }
+        }
+        fn create_detached(
+            &self,
+            _: BorrowedFd<'_>,
+            spec: &MountSpec,
+        ) -> Result<OwnedFd, DetachedError> {
+            *self.asked.lock().unwrap() = Some(spec.clone());
+            (self.create)()
+        }
+        fn user_and_group(&self) -> (u32, u32) {
+            (1000, 100)
+        }
+    }
+
+    #[test]
+    fn refusals_say_what_is_needed_and_missing_apis_say_so() {
+        let refused = DetachedError::Failed {
+            call: "fsopen(\"fuse\")",
+            source: io::Error::from_raw_os_error(libc::EPERM),
+            log: String::new(),
+        };
+        assert!(
+            refused
+                .hint()
+                .contains("user namespace that owns its mount namespace"),
+            "{}",
+            refused.hint()
+        );
+        let missing = DetachedError::Unsupported {
+            call: "fsopen(\"fuse\")",
+            source: io::Error::from_raw_os_error(libc::ENOSYS),
+        };
+        assert!(missing.to_string().contains("lacks the new mount API"));
+        assert_eq!(missing.hint(), "");
+    }
+
+    #[test]
+    fn a_detached_mount_is_asked_for_as_the_options_and_the_owner_say() {
+        let sys = FakeDetached::working();
+        let mut options = MountOptions::default();
+        options.apply("allow_other,fsname=img").unwrap();
+        make(&sys, Path::new("/i/img"), &options).unwrap();
+        let spec = sys.asked.lock().unwrap().clone().unwrap();
+        assert_eq!(
+            spec,
+            MountSpec::new(Path::new("/i/img"), &options, (1000, 100))
+        );
+        let no_fuse = FakeDetached {
+            open_errno: Some(libc::ENOENT),
+            ..FakeDetached::working()
+        };
+        let err = make(&no_fuse, Path::new("/i/img"), &options).unwrap_err();
+        assert!(
+            err.to_string().starts_with("cannot open /dev/fuse: "),
+            "{err}"
+        );
+        assert!(no_fuse.asked.lock().unwrap().is_none(), "nothing created");
+    }
+
+    #[test]
+    fn this_kernel_has_the_mount_api() {
+        // 5.2 and later; every kernel this project supports.
+        assert!(kernel_has_mount_api());
     }
 }

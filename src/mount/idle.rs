@@ -27,7 +27,7 @@ pub fn watch(activity: &Activity, timeout: Duration, mut unmount: impl FnMut() -
         }
         match unmount() {
             Ok(()) => {
-                tracing::info!("unmounted after {}s idle", timeout.as_secs_f32());
+                tracing::info!("idle for {} s: the mount ends", timeout.as_secs_f32());
                 return;
             }
             Err(e) => {

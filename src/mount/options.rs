@@ -89,6 +89,10 @@ pub struct MountOptions {
     pub subtype: Option<String>,
     /// For an image named by a URL: the node-local chunk cache.
     pub chunk_cache: CacheSettings,
+    /// For an oras:// image: the docker-style config holding registry credentials.
+    pub registry_auth: Option<PathBuf>,
+    /// For an oras:// image: reach the registry over plain HTTP.
+    pub no_https: bool,
 }
 
 impl Default for MountOptions {
@@ -115,6 +119,8 @@ impl Default for MountOptions {
             fsname: None,
             subtype: None,
             chunk_cache: CacheSettings::default(),
+            registry_auth: None,
+            no_https: false,
         }
     }
 }
@@ -188,6 +194,7 @@ impl MountOptions {
                 self.chunk_cache.disk = !on;
                 return Ok(());
             }
+            "no_https" => return flag(&mut self.no_https, true),
             "rw" => return err("sifuse mounts are always read-only: drop the rw option"),
             _ => {}
         }
@@ -196,7 +203,7 @@ impl MountOptions {
                 "offset" | "subdir" | "partition" | "uid" | "gid" | "uidmap" | "gidmap"
                 | "timeout" | "notify_pipe" | "cache_size" | "idle_release" | "threads"
                 | "max_threads" | "max_idle_threads" | "fsname" | "subtype" | "cache_dir"
-                | "cache_max" => {
+                | "cache_max" | "registry_auth" => {
                     format!("mount option {name} needs a value: {name}=...")
                 }
                 _ => format!("unknown mount option '{name}'"),
@@ -230,6 +237,7 @@ impl MountOptions {
             "fsname" => self.fsname = Some(value.to_string()),
             "subtype" => self.subtype = Some(value.to_string()),
             "cache_dir" => self.chunk_cache.dir = Some(PathBuf::from(value)),
+            "registry_auth" => self.registry_auth = Some(PathBuf::from(value)),
             "cache_max" => {
                 self.chunk_cache.max_bytes = parse_size(value)
                     .map_err(|e| OptionError(format!("mount option cache_max: {e}")))?
@@ -323,6 +331,7 @@ impl MountOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn parsed(list: &str) -> MountOptions {
         let mut o = MountOptions::default();
@@ -394,6 +403,27 @@ mod tests {
         // allow_root: root's own mount needs nobody else; a user's must let root in.
         assert!(!Access::OwnerAndRoot.kernel_allows_others(0));
         assert!(Access::OwnerAndRoot.kernel_allows_others(1000));
+    }
+
+    #[test]
+    fn remote_image_options() {
+        let o =
+            parsed("cache_dir=/c,cache_max=2G,no_disk_cache,registry_auth=/a/config.json,no_https");
+        assert_eq!(o.chunk_cache.dir.as_deref(), Some(Path::new("/c")));
+        assert_eq!(o.chunk_cache.max_bytes, 2 << 30);
+        assert!(!o.chunk_cache.disk);
+        assert_eq!(
+            o.registry_auth.as_deref(),
+            Some(Path::new("/a/config.json"))
+        );
+        assert!(o.no_https);
+        let d = MountOptions::default();
+        assert!(d.chunk_cache.disk && d.registry_auth.is_none() && !d.no_https);
+        let mut o = MountOptions::default();
+        assert!(
+            o.apply("registry_auth").is_err(),
+            "registry_auth needs a value"
+        );
     }
 
     #[test]

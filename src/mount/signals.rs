@@ -25,7 +25,7 @@ pub fn block_exit_signals() -> io::Result<SigSet> {
 }
 
 /// On a thread of its own, wait for one of `set` and call `on_signal` with it.
-pub fn spawn_watcher(
+pub fn spawn_signal_thread(
     set: SigSet,
     on_signal: impl FnOnce(Signal) + Send + 'static,
 ) -> io::Result<JoinHandle<()>> {
@@ -54,7 +54,7 @@ mod tests {
         // Directed at the watcher thread only, so the test process is never at risk.
         let set = block_exit_signals().unwrap();
         let (tx, rx) = mpsc::channel();
-        let watcher = spawn_watcher(set, move |s| tx.send(s).unwrap()).unwrap();
+        let watcher = spawn_signal_thread(set, move |s| tx.send(s).unwrap()).unwrap();
         // SAFETY: the thread is alive until it has received the signal.
         let rc = unsafe { libc::pthread_kill(watcher.as_pthread_t(), libc::SIGTERM) };
         assert_eq!(rc, 0);

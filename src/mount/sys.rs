@@ -19,6 +19,8 @@ use std::process::{Command, Stdio};
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
 
+use super::spec::MountSpec;
+
 /// The FUSE device.
 pub const FUSE_DEVICE: &str = "/dev/fuse";
 
@@ -71,19 +73,17 @@ pub trait MountSyscalls: Send + Sync {
     fn user_and_group(&self) -> (u32, u32);
     /// Open /dev/fuse for reading and writing.
     fn open_fuse_device(&self) -> io::Result<OwnedFd>;
-    /// Mount read-only with `flags` and mount(2)-style `data`, as mount(2) would, and
-    /// return the new mount's identity. `created` hears it before the mount is attached
-    /// at `target` where the kernel allows (the new mount API: the mount is made detached,
-    /// then moved there), right after otherwise: whoever must clean up after a crash
-    /// learns it before anyone can see the mount.
+    /// Mount `spec` read-only at `target`, served through the /dev/fuse descriptor
+    /// `fuse`, as mount(2) would, and return the new mount's identity. `mount_made` hears it
+    /// before the mount is attached at `target` where the kernel allows (the new mount
+    /// API: the mount is made detached, then moved there), right after otherwise: whoever
+    /// must clean up after a crash learns it before anyone can see the mount.
     fn mount(
         &self,
-        source: &str,
+        spec: &MountSpec,
+        fuse: BorrowedFd<'_>,
         target: &Path,
-        fstype: &str,
-        flags: MountFlags,
-        data: &str,
-        created: &mut dyn FnMut(MountId),
+        mount_made: &mut dyn FnMut(MountId),
     ) -> io::Result<MountId>;
     /// Hold the mount on top of `target` and tell which it is, without asking its file
     /// system anything (a dead FUSE server cannot answer).
@@ -108,8 +108,9 @@ pub struct LinuxSyscalls;
 /// fusermount3 first, then the FUSE 2 name, as libfuse looks for them.
 const FUSERMOUNT: [&str; 2] = ["fusermount3", "fusermount"];
 
-/// Run the first fusermount found with `args`; the helper's stderr becomes the error.
-fn run_fusermount(configure: impl Fn(&mut Command)) -> io::Result<std::process::Child> {
+/// Start the first fusermount found, as `configure` sets it up; its stderr is piped, to
+/// become the error.
+fn spawn_fusermount(configure: impl Fn(&mut Command)) -> io::Result<std::process::Child> {
     let mut last = None;
     for bin in FUSERMOUNT {
         let mut cmd = Command::new(bin);
@@ -252,31 +253,29 @@ impl MountSyscalls for LinuxSyscalls {
 
     fn mount(
         &self,
-        source: &str,
+        spec: &MountSpec,
+        fuse: BorrowedFd<'_>,
         target: &Path,
-        fstype: &str,
-        flags: MountFlags,
-        data: &str,
-        created: &mut dyn FnMut(MountId),
+        mount_made: &mut dyn FnMut(MountId),
     ) -> io::Result<MountId> {
-        match super::detached::create_from_data(source, fstype, flags, data) {
+        match super::detached::create(fuse, spec) {
             Ok(mount) => {
                 let id = mount_id_of(mount.as_fd())?;
-                created(id);
+                mount_made(id);
                 super::detached::attach_at(mount.as_fd(), target)?;
                 Ok(id)
             }
             // Before Linux 5.2: mount(2), and the identity found at the path at once.
             Err(e) if e.is_unsupported() => {
                 nix::mount::mount(
-                    Some(source),
+                    Some(spec.source.as_str()),
                     target,
-                    Some(fstype),
-                    flags.to_ms_flags(),
-                    Some(data),
+                    Some(spec.fstype().as_str()),
+                    spec.flags.to_ms_flags(),
+                    Some(spec.mount_data(fuse.as_raw_fd()).as_str()),
                 )?;
                 let id = self.pin_mount(target)?.id;
-                created(id);
+                mount_made(id);
                 Ok(id)
             }
             Err(e) => Err(e.into_io()),
@@ -335,7 +334,7 @@ impl MountSyscalls for LinuxSyscalls {
     fn fusermount_mount(&self, target: &Path, options: &str) -> io::Result<OwnedFd> {
         let (ours, theirs) = UnixStream::pair()?;
         let their_fd = theirs.as_raw_fd();
-        let child = run_fusermount(|cmd| {
+        let child = spawn_fusermount(|cmd| {
             cmd.arg("-o").arg(options).arg("--").arg(target);
             cmd.env("_FUSE_COMMFD", their_fd.to_string());
             // SAFETY: only async-signal-safe fcntl between fork and exec. The helper must
@@ -361,7 +360,7 @@ impl MountSyscalls for LinuxSyscalls {
     }
 
     fn fusermount_unmount(&self, target: &Path, lazy: bool) -> io::Result<()> {
-        let child = run_fusermount(|cmd| {
+        let child = spawn_fusermount(|cmd| {
             cmd.arg("-u");
             if lazy {
                 cmd.arg("-z");

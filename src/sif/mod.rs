@@ -1,6 +1,6 @@
 //! SIF (Singularity Image Format) header and descriptors, and the choice of the partition
-//! to serve. The layout is in ../shared/REFERENCE.md; all integers are little-endian and
-//! the structures are packed.
+//! to serve. What is read, and the bounds held, are in docs/FORMAT.md; all integers are
+//! little-endian and the structures are packed (the offsets are in [`SifImage::parse`]).
 //!
 //! The Go reference reader checks only magic and version. This one also checks that the
 //! descriptor table and every used object lie inside the file and do not overlap, because

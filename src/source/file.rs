@@ -43,20 +43,7 @@ impl FileWindow {
 
 impl ReadAt for FileWindow {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&end| end <= self.len)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "read of {} bytes at {offset} passes the end of the image ({} bytes)",
-                        buf.len(),
-                        self.len
-                    ),
-                )
-            })?;
-        debug_assert!(end <= self.len);
+        super::end_within(offset, buf.len(), self.len, "the image")?;
         // The file may have shrunk since the window was made: pread reports a short read,
         // which read_exact_at turns into UnexpectedEof rather than a signal.
         self.file.read_exact_at(buf, self.start + offset)
@@ -139,6 +126,8 @@ pub fn inherited_fd(path: &Path) -> Option<i32> {
         .or_else(|| s.strip_prefix("/dev/fd/"))?;
     let fd: i32 = n.parse().ok()?;
     // Only a descriptor that is actually open in this process.
+    // SAFETY: fcntl(F_GETFD) on a number reads and writes no memory; it fails with EBADF
+    // when nothing is open there.
     let valid = unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
     valid.then_some(fd)
 }

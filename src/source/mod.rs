@@ -28,6 +28,20 @@ pub trait ReadAt: Send + Sync {
     }
 }
 
+/// The end of a read of `len` bytes at `offset` from `what` of `size` bytes, or the
+/// error a read past its end gets (never a short read).
+pub fn end_within(offset: u64, len: usize, size: u64, what: &str) -> io::Result<u64> {
+    offset
+        .checked_add(len as u64)
+        .filter(|&end| end <= size)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("read of {len} bytes at {offset} passes the end of {what} ({size} bytes)"),
+            )
+        })
+}
+
 impl ReadAt for Vec<u8> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         <[u8] as ReadAt>::read_exact_at(self.as_slice(), buf, offset)

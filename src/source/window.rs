@@ -48,19 +48,7 @@ impl Window {
 
 impl ReadAt for Window {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        offset
-            .checked_add(buf.len() as u64)
-            .filter(|&end| end <= self.len)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "read of {} bytes at {offset} passes the end of the image ({} bytes)",
-                        buf.len(),
-                        self.len
-                    ),
-                )
-            })?;
+        super::end_within(offset, buf.len(), self.len, "the image")?;
         self.inner.read_exact_at(buf, self.start + offset)
     }
 

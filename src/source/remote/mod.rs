@@ -91,6 +91,18 @@ impl StoreConfig {
     pub fn from_process_env() -> Self {
         StoreConfig::new(Environment::from_process())
     }
+
+    /// What `--registry-auth FILE` and `--no-https` ask for, over the defaults with the
+    /// process's environment; `None` when they ask for nothing (the defaults are then used).
+    pub fn from_options(registry_auth: Option<&std::path::Path>, allow_http: bool) -> Option<Self> {
+        if registry_auth.is_none() && !allow_http {
+            return None;
+        }
+        let mut config = StoreConfig::from_process_env();
+        config.registry_auth = registry_auth.map(PathBuf::from);
+        config.allow_http = allow_http;
+        Some(config)
+    }
 }
 
 /// The store of the object `url` names. Nothing is sent yet (credential helpers aside);

@@ -868,20 +868,8 @@ impl Inner {
 impl ReadAt for RemoteSource {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let inner = &*self.inner;
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= inner.meta.len)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "read of {} bytes at {offset} passes the end of {} ({} bytes)",
-                        buf.len(),
-                        inner.meta.address,
-                        inner.meta.len
-                    ),
-                )
-            })?;
+        let end =
+            crate::source::end_within(offset, buf.len(), inner.meta.len, &inner.meta.address)?;
         if buf.is_empty() {
             return Ok(());
         }

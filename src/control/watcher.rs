@@ -123,16 +123,17 @@ pub fn spawn(host: &HostCopy, sys: &dyn HostSyscalls) -> io::Result<Watcher> {
         }
         ForkResult::Child => {
             drop(write);
-            let code = run_watcher(read, host, sys);
+            let code = watcher_process(read, host, sys);
             // Skip the parent's exit handlers and buffered output: they are not ours.
-            // SAFETY: _exit ends the process at once.
+            // SAFETY: _exit(2) ends this (forked) process without running any code of it;
+            // it touches no memory.
             unsafe { libc::_exit(code) }
         }
     }
 }
 
 /// The child: let go of everything but the pipe and stderr, then watch.
-fn run_watcher(read: OwnedFd, host: &HostCopy, sys: &dyn HostSyscalls) -> i32 {
+fn watcher_process(read: OwnedFd, host: &HostCopy, sys: &dyn HostSyscalls) -> i32 {
     // Out of the server's session and process group, so that signals aimed at those
     // (a terminal's ^C, a group kill) leave the watcher to do its job.
     let _ = nix::unistd::setsid();
@@ -160,7 +161,8 @@ fn run_watcher(read: OwnedFd, host: &HostCopy, sys: &dyn HostSyscalls) -> i32 {
 fn close_all_but(keep: i32) {
     let close_range = |first: u32, last: u32| {
         if first <= last {
-            // SAFETY: close_range only closes descriptors; none of those is used after.
+            // SAFETY: close_range(2) takes integers only and closes descriptors; this
+            // process (the freshly forked watcher) uses none of them afterwards.
             unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
         }
     };
@@ -172,8 +174,8 @@ fn close_all_but(keep: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::launcher::host::tests::{created, FakeHost, MADE};
-    use crate::launcher::host::Stage;
+    use crate::control::host::tests::{created, FakeHost, MADE};
+    use crate::control::host::Stage;
 
     #[test]
     fn disarmed_does_nothing() {

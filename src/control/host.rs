@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::mount::attach;
 use crate::mount::sys::{MountId, MountSyscalls};
 
-use super::LauncherError;
+use super::ControlError;
 
 /// The name of the directory sifuse mounts on inside its private directory.
 pub const ROOT_DIR: &str = "root";
@@ -89,13 +89,13 @@ pub fn temp_base() -> io::Result<PathBuf> {
 
 impl HostCopy {
     /// Make `BASE/sifuse-XXXXXX/root`, both mode 0700.
-    pub fn create(sys: &dyn HostSyscalls, base: &Path) -> Result<HostCopy, LauncherError> {
+    pub fn create(sys: &dyn HostSyscalls, base: &Path) -> Result<HostCopy, ControlError> {
         let mut template = base.as_os_str().to_owned().into_vec();
         template.extend_from_slice(b"/sifuse-XXXXXX");
         let template = PathBuf::from(OsString::from_vec(template));
         let dir = sys
             .mkdtemp(&template)
-            .map_err(|source| LauncherError::TempDir {
+            .map_err(|source| ControlError::TempDir {
                 path: base.to_path_buf(),
                 source,
             })?;
@@ -103,7 +103,7 @@ impl HostCopy {
         if let Err(source) = sys.mkdir(&root) {
             // Leave nothing behind: the directory just made goes again.
             let _ = sys.rmdir(&dir);
-            return Err(LauncherError::TempDir { path: root, source });
+            return Err(ControlError::TempDir { path: root, source });
         }
         Ok(HostCopy {
             mountpoint: root,
@@ -158,10 +158,10 @@ impl HostCopy {
     /// The container holds its own copy: detach the host copy lazily and remove the
     /// directories. On failure the stage stays [`Stage::Prepared`], so that a later
     /// `cleanup` (or the watcher) still removes what is left.
-    pub fn detach(&mut self, sys: &dyn HostSyscalls) -> Result<(), LauncherError> {
+    pub fn detach(&mut self, sys: &dyn HostSyscalls) -> Result<(), ControlError> {
         let detached = self
             .unmount_ours(sys)
-            .map_err(|source| LauncherError::Unmount {
+            .map_err(|source| ControlError::Unmount {
                 path: self.mountpoint.clone(),
                 source,
             })?;
@@ -181,7 +181,7 @@ impl HostCopy {
     /// says whether a mount may exist; only the one sifuse made is unmounted, and only if
     /// it is still there. An unmount failure matters only when the mount point cannot be
     /// removed afterwards, or when it is not ours to remove.
-    pub fn clean_up(&mut self, sys: &dyn HostSyscalls, mounted: bool) -> Result<(), LauncherError> {
+    pub fn clean_up(&mut self, sys: &dyn HostSyscalls, mounted: bool) -> Result<(), ControlError> {
         let unmounted = if mounted {
             self.unmount_ours(sys).map(drop)
         } else {
@@ -192,7 +192,7 @@ impl HostCopy {
         match (unmounted, removed) {
             (_, Err(e)) => return Err(e),
             (Err(source), Ok(())) if !ours => {
-                return Err(LauncherError::Unmount {
+                return Err(ControlError::Unmount {
                     path: self.mountpoint.clone(),
                     source,
                 })
@@ -204,13 +204,13 @@ impl HostCopy {
     }
 
     /// Remove the created directories, innermost first; one already gone is fine.
-    fn remove_dirs(&mut self, sys: &dyn HostSyscalls) -> Result<(), LauncherError> {
+    fn remove_dirs(&mut self, sys: &dyn HostSyscalls) -> Result<(), ControlError> {
         while let Some(dir) = self.created.last() {
             match sys.rmdir(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(source) => {
-                    return Err(LauncherError::Remove {
+                    return Err(ControlError::Remove {
                         path: dir.clone(),
                         source,
                     })

@@ -1,16 +1,16 @@
-//! `sifuse run`: the reference launcher (see sifuse::launcher::run).
+//! `sifuse run`: a reference launcher (see sifuse::launcher).
 
 use std::ffi::OsString;
 use std::io;
 
 use clap::Args;
 
-use sifuse::launcher::run::{Bind, RunRequest};
-use sifuse::launcher::LauncherError;
+use sifuse::launcher::server_process::Waits;
+use sifuse::launcher::sys::LinuxContainer;
+use sifuse::launcher::{self, Bind, ContainerRequest, LauncherError};
 use sifuse::mount::options::MountOptions;
-use sifuse::Result;
 
-use super::ImageArgs;
+use super::{Exit, ImageArgs};
 
 pub const RUN_HELP: &str = "\
 sifuse run starts `sifuse mount --control-fd` on IMAGE, enters a new mount namespace \
@@ -65,14 +65,15 @@ pub struct RunArgs {
     pub debug: bool,
 }
 
-/// Run `sifuse run`; exits with COMMAND's status.
-pub fn run(args: &RunArgs) -> Result<()> {
+/// `sifuse run`: COMMAND's exit status, 126 or 127 when COMMAND cannot be run, 1 when
+/// the container cannot be set up.
+pub fn run_container(args: &RunArgs) -> Exit {
     super::mount::init_logging(args.debug);
     let mut options = MountOptions::default();
     for list in &args.options {
-        options
-            .apply(list)
-            .map_err(|e| super::mount::launcher_error(LauncherError::Mount(e.into())))?;
+        if let Err(e) = options.apply(list) {
+            return Exit::failed(e);
+        }
     }
     let mut mount_args: Vec<OsString> = Vec::new();
     if let Some(offset) = args.image.offset {
@@ -85,7 +86,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         mount_args.push("-o".into());
         mount_args.push(list.into());
     }
-    let req = RunRequest {
+    let req = ContainerRequest {
         image: args.image.image.clone(),
         mount_args,
         binds: args.bind.clone(),
@@ -93,17 +94,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
         command: args.command.clone(),
         options,
         detached: !args.no_detached,
+        waits: Waits::default(),
     };
-    match sifuse::launcher::run::run(&req) {
-        Ok(code) => std::process::exit(code),
-        Err(LauncherError::Exec { command, source }) => {
-            eprintln!("sifuse: cannot run {command}: {source}");
-            std::process::exit(if source.kind() == io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            });
+    match launcher::run_container(&req, &LinuxContainer) {
+        Ok(code) => Exit::Status(code),
+        Err(e @ LauncherError::Exec { .. }) => {
+            let status = match &e {
+                LauncherError::Exec { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                    127
+                }
+                _ => 126,
+            };
+            Exit::Failed {
+                message: e.to_string(),
+                status,
+            }
         }
-        Err(e) => Err(super::mount::launcher_error(e)),
+        Err(e) => Exit::failed(e),
     }
 }

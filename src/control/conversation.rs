@@ -1,87 +1,20 @@
-//! The control stream between a launcher and `sifuse mount --control-fd`: one line per
-//! message, each ending in `\n`.
-//!
-//! sifuse → launcher: `ready <absolute mountpoint>`, `detached`, `done`, `error <message>`.
-//! launcher → sifuse: `started`, `cleanup`. End of file before `started` means the
-//! launcher is gone: clean up. After `detached` sifuse reads nothing more.
+//! The host-path hand-off's conversation, once the mount is live: sifuse announces
+//! `ready PATH`, then acts on what the launcher says — `started` (detach the host copy,
+//! answer `detached`, read nothing more), `cleanup` or end of file (clean up, answer
+//! `done`), anything else (answer `error unknown message ...`).
 
 use std::io::{self, BufRead, Write};
-use std::path::Path;
 use std::sync::Mutex;
 
 use super::host::{HostCopy, HostSyscalls, Stage};
-
-/// The longest line either side reads, newline included. The protocol's messages are a
-/// few bytes (`ready` carries a path): anything longer is not a message, and reading no
-/// more of it keeps memory bounded whatever a peer sends.
-pub const MAX_LINE: usize = 4096;
+use super::protocol::{read_line_bounded, Line, Message, MAX_LINE};
 
 /// How much of an unknown line an error answer quotes.
 const QUOTED: usize = 64;
 
-/// One line as read from the stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Line {
-    /// A line in UTF-8, without its `\n` (or `\r\n`).
-    Text(String),
-    /// A line that is not UTF-8 (its bytes are dropped).
-    NotUtf8,
-    /// A line longer than [`MAX_LINE`]: read to its end and dropped.
-    TooLong,
-    /// End of file before any byte.
-    End,
-}
-
-/// Read one line of at most `max` bytes (newline included), keeping no more than that in
-/// memory: the rest of a longer line is read and thrown away up to its newline. A last
-/// line without a newline counts as a line.
-pub fn read_line_bounded(input: &mut impl BufRead, max: usize) -> io::Result<Line> {
-    let mut line = Vec::new();
-    let mut too_long = false;
-    let mut any = false;
-    loop {
-        let chunk = match input.fill_buf() {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if chunk.is_empty() {
-            break;
-        }
-        any = true;
-        let (part, done) = match chunk.iter().position(|&b| b == b'\n') {
-            Some(i) => (&chunk[..i], Some(i + 1)),
-            None => (chunk, None),
-        };
-        if !too_long {
-            if line.len() + part.len() < max {
-                line.extend_from_slice(part);
-            } else {
-                too_long = true;
-                line = Vec::new();
-            }
-        }
-        let used = done.unwrap_or(chunk.len());
-        input.consume(used);
-        if done.is_some() {
-            break;
-        }
-    }
-    if !any {
-        return Ok(Line::End);
-    }
-    if too_long {
-        return Ok(Line::TooLong);
-    }
-    if line.last() == Some(&b'\r') {
-        line.pop();
-    }
-    Ok(String::from_utf8(line).map_or(Line::NotUtf8, Line::Text))
-}
-
 /// What the launcher said.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request {
+enum Request {
     /// The container's mount namespace holds its own copy.
     Started,
     /// Startup failed: unmount and remove everything.
@@ -93,13 +26,13 @@ pub enum Request {
 }
 
 /// Read one request.
-pub fn read_request(input: &mut impl BufRead) -> Request {
+fn read_request(input: &mut impl BufRead) -> Request {
     match read_line_bounded(input, MAX_LINE) {
         Ok(Line::End) | Err(_) => Request::Gone,
-        Ok(Line::Text(line)) => match line.as_str() {
-            "started" => Request::Started,
-            "cleanup" => Request::Cleanup,
-            other => Request::Unknown(quote(other)),
+        Ok(Line::Text(line)) => match Message::parse(&line) {
+            Some(Message::Started) => Request::Started,
+            Some(Message::Cleanup) => Request::Cleanup,
+            _ => Request::Unknown(quote(&line)),
         },
         Ok(Line::NotUtf8) => Request::Unknown("(a line not in UTF-8)".into()),
         Ok(Line::TooLong) => Request::Unknown(format!("(a line longer than {MAX_LINE} bytes)")),
@@ -114,29 +47,9 @@ fn quote(line: &str) -> String {
     }
 }
 
-/// One line: `error <message>`, with any newline in the message flattened so that the
-/// stream stays one message per line.
-pub fn error_line(message: &str) -> String {
-    format!("error {}\n", message.replace(['\n', '\r'], " "))
-}
-
-/// `ready <path>`; a path with a newline in it cannot be sent on this protocol.
-pub fn ready_line(path: &Path) -> io::Result<String> {
-    let s = path.to_str().filter(|s| !s.contains('\n')).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "mount point {} cannot be sent on the control stream (not UTF-8, or a newline)",
-                path.display()
-            ),
-        )
-    })?;
-    Ok(format!("ready {s}\n"))
-}
-
 /// How the conversation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
+pub enum ConversationEnd {
     /// The host copy is detached; serve the container's copy until the kernel ends it.
     Detached,
     /// The launcher asked for cleanup; done.
@@ -157,26 +70,26 @@ pub fn converse(
     host: &Mutex<HostCopy>,
     sys: &dyn HostSyscalls,
     disarm: &mut dyn FnMut(),
-) -> Ending {
-    let mut send = |line: &str| {
+) -> ConversationEnd {
+    let mut send = |message: Message| {
         output
-            .write_all(line.as_bytes())
+            .write_all(message.line().as_bytes())
             .and_then(|()| output.flush())
     };
     let ready = {
         let h = host.lock().unwrap_or_else(|e| e.into_inner());
-        ready_line(h.mountpoint())
+        Message::ready(h.mountpoint())
     };
     let announced = match ready {
-        Ok(line) => send(&line),
+        Ok(message) => send(message),
         Err(e) => {
-            let _ = send(&error_line(&e.to_string()));
+            let _ = send(Message::error(&e));
             Err(e)
         }
     };
     if announced.is_err() {
         // Nobody to talk to, or nothing sendable: nobody can start a container on it.
-        return clean_up(host, sys, disarm, &mut send, Ending::LauncherGone);
+        return clean_up(host, sys, disarm, &mut send, ConversationEnd::LauncherGone);
     }
     loop {
         match read_request(input) {
@@ -185,23 +98,23 @@ pub fn converse(
                 match h.detach(sys) {
                     Ok(()) => {
                         disarm();
-                        let _ = send("detached\n");
-                        return Ending::Detached;
+                        let _ = send(Message::Detached);
+                        return ConversationEnd::Detached;
                     }
                     // The launcher decides: `started` again, or `cleanup`.
                     Err(e) => {
-                        let _ = send(&error_line(&e.to_string()));
+                        let _ = send(Message::error(&e));
                     }
                 }
             }
             Request::Cleanup => {
-                return clean_up(host, sys, disarm, &mut send, Ending::CleanedUp);
+                return clean_up(host, sys, disarm, &mut send, ConversationEnd::CleanedUp);
             }
             Request::Gone => {
-                return clean_up(host, sys, disarm, &mut send, Ending::LauncherGone);
+                return clean_up(host, sys, disarm, &mut send, ConversationEnd::LauncherGone);
             }
             Request::Unknown(line) => {
-                let _ = send(&error_line(&format!(
+                let _ = send(Message::error(format!(
                     "unknown message {line}: expected started or cleanup"
                 )));
             }
@@ -214,22 +127,22 @@ fn clean_up(
     host: &Mutex<HostCopy>,
     sys: &dyn HostSyscalls,
     disarm: &mut dyn FnMut(),
-    send: &mut dyn FnMut(&str) -> io::Result<()>,
-    ending: Ending,
-) -> Ending {
+    send: &mut dyn FnMut(Message) -> io::Result<()>,
+    ending: ConversationEnd,
+) -> ConversationEnd {
     let mut h = host.lock().unwrap_or_else(|e| e.into_inner());
     match h.clean_up(sys, true) {
         Ok(()) => {
             debug_assert_eq!(h.stage(), Stage::CleanedUp);
             disarm();
-            let _ = send("done\n");
+            let _ = send(Message::Done);
             ending
         }
         Err(e) => {
             // The watcher stays armed: when this process exits it tries once more.
             tracing::error!("{e}");
-            let _ = send(&error_line(&e.to_string()));
-            Ending::CleanupFailed
+            let _ = send(Message::error(&e));
+            ConversationEnd::CleanupFailed
         }
     }
 }
@@ -237,11 +150,11 @@ fn clean_up(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::launcher::host::tests::{created, FakeHost};
+    use crate::control::host::tests::{created, FakeHost};
 
     /// Run a conversation on `input`; what was sent, how it ended, the calls after the
     /// directories were made, and how often the watcher was disarmed.
-    fn talk(sys: &FakeHost, input: &str) -> (String, Ending, Vec<String>, usize, Stage) {
+    fn talk(sys: &FakeHost, input: &str) -> (String, ConversationEnd, Vec<String>, usize, Stage) {
         let host = Mutex::new(created(sys));
         let mut out = Vec::new();
         let mut disarmed = 0;
@@ -270,7 +183,7 @@ mod tests {
         let sys = FakeHost::default();
         let (out, ending, calls, disarmed, stage) = talk(&sys, "started\ncleanup\n");
         assert_eq!(out, format!("{READY}detached\n"));
-        assert_eq!(ending, Ending::Detached);
+        assert_eq!(ending, ConversationEnd::Detached);
         assert_eq!(calls, DETACH, "the cleanup after started is never read");
         assert_eq!((disarmed, stage), (1, Stage::Detached));
     }
@@ -278,9 +191,9 @@ mod tests {
     #[test]
     fn cleanup_and_end_of_file_before_started_clean_up() {
         for (input, expected) in [
-            ("cleanup\n", Ending::CleanedUp),
-            ("", Ending::LauncherGone),
-            ("cleanup", Ending::CleanedUp),
+            ("cleanup\n", ConversationEnd::CleanedUp),
+            ("", ConversationEnd::LauncherGone),
+            ("cleanup", ConversationEnd::CleanedUp),
         ] {
             let sys = FakeHost::default();
             let (out, ending, calls, disarmed, stage) = talk(&sys, input);
@@ -301,7 +214,7 @@ mod tests {
                 "{READY}error unknown message \"start\": expected started or cleanup\ndetached\n"
             )
         );
-        assert_eq!(ending, Ending::Detached);
+        assert_eq!(ending, ConversationEnd::Detached);
     }
 
     /// A line of 1 MiB without a newline, then non-UTF-8 bytes: each answered `error
@@ -325,34 +238,13 @@ mod tests {
                 "detached",
             ]
         );
-        assert_eq!(ending, Ending::Detached);
+        assert_eq!(ending, ConversationEnd::Detached);
     }
 
     #[test]
-    fn lines_are_read_within_the_bound() {
-        let read = |bytes: &[u8], max| {
-            let mut input = io::BufReader::with_capacity(7, bytes);
-            let mut lines = Vec::new();
-            loop {
-                match read_line_bounded(&mut input, max).unwrap() {
-                    Line::End => return lines,
-                    l => lines.push(l),
-                }
-            }
-        };
-        let text = |s: &str| Line::Text(s.into());
-        assert_eq!(
-            read(b"abc\r\n\ndef", 8),
-            [text("abc"), text(""), text("def")]
-        );
-        // Seven bytes and the newline fit in eight; eight do not.
-        assert_eq!(
-            read(b"1234567\n12345678\nok\n", 8),
-            [text("1234567"), Line::TooLong, text("ok")]
-        );
-        assert_eq!(read(&[b'y'; 100], 8), [Line::TooLong]);
-        assert_eq!(read(b"\xc3\n", 8), [Line::NotUtf8]);
+    fn unknown_lines_are_quoted_in_part() {
         assert_eq!(quote(&"z".repeat(100)), format!("{:?}...", "z".repeat(64)));
+        assert_eq!(quote("start"), "\"start\"");
     }
 
     #[test]
@@ -369,7 +261,7 @@ mod tests {
         // The unmount is refused again, but removing the (unmounted) directory works,
         // which is what cleanup needs.
         assert_eq!(lines[2], "done");
-        assert_eq!(ending, Ending::CleanedUp);
+        assert_eq!(ending, ConversationEnd::CleanedUp);
         assert_eq!(calls.len(), 4, "{calls:?}");
         assert_eq!((disarmed, stage), (1, Stage::CleanedUp));
     }
@@ -385,12 +277,12 @@ mod tests {
             out.ends_with("error cannot remove /t/sifuse-abc123/root: Device or resource busy (os error 16)\n"),
             "{out}"
         );
-        assert_eq!(ending, Ending::CleanupFailed);
+        assert_eq!(ending, ConversationEnd::CleanupFailed);
         assert_eq!((disarmed, stage), (0, Stage::Prepared));
         // A failed detach followed by end of file: cleanup is tried, and fails, too.
         let (out, ending, _, disarmed, _) = talk(&sys, "started\n");
         assert_eq!(out.lines().count(), 3, "{out}");
-        assert_eq!((ending, disarmed), (Ending::CleanupFailed, 0));
+        assert_eq!((ending, disarmed), (ConversationEnd::CleanupFailed, 0));
     }
 
     #[test]
@@ -414,17 +306,23 @@ mod tests {
             &sys,
             &mut || disarmed += 1,
         );
-        assert_eq!(ending, Ending::LauncherGone);
+        assert_eq!(ending, ConversationEnd::LauncherGone);
         assert_eq!(sys.calls()[2..], DETACH);
         assert_eq!(disarmed, 1);
     }
 
     #[test]
-    fn messages_are_single_lines() {
-        assert_eq!(error_line("a\nb\rc"), "error a b c\n");
-        assert_eq!(ready_line(Path::new("/a b")).unwrap(), "ready /a b\n");
-        assert!(ready_line(Path::new("/a\nb")).is_err());
+    fn requests_are_read_as_messages() {
         assert_eq!(read_request(&mut "cleanup\n".as_bytes()), Request::Cleanup);
+        assert_eq!(
+            read_request(&mut "started\r\n".as_bytes()),
+            Request::Started
+        );
         assert_eq!(read_request(&mut "".as_bytes()), Request::Gone);
+        // A message of the other direction is no request.
+        assert_eq!(
+            read_request(&mut "done\n".as_bytes()),
+            Request::Unknown("\"done\"".into())
+        );
     }
 }
