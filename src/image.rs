@@ -13,7 +13,7 @@ use crate::sif::{self, Descriptor, SifImage};
 use crate::source::remote::{
     self as remote, CacheSettings, ObjectStore, RemoteConfig, RemoteSource, StoreConfig,
 };
-use crate::source::{open_image_file, FileWindow, ReadAt, Window};
+use crate::source::{file_size, open_image_file, FileWindow, ReadAt, Window};
 
 /// Which image to use, and where it is.
 #[derive(Debug, Clone, Default)]
@@ -118,7 +118,7 @@ pub fn open_whole(spec: &ImageSpec) -> Result<Whole> {
     }
     let name = spec.path.display().to_string();
     let file = Arc::new(open_image_file(&spec.path).map_err(|e| open_err(&name, e))?);
-    let file_len = file.metadata().map_err(|e| open_err(&name, e))?.len();
+    let file_len = file_size(&file).map_err(|e| open_err(&name, e))?;
     let whole = FileWindow::new(file, 0, file_len).map_err(|e| open_err(&name, e))?;
     Ok(Whole {
         source: Arc::new(whole),

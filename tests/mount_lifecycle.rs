@@ -392,6 +392,39 @@ fn a_fifo_as_image_is_refused_at_once() {
     }
 }
 
+/// An image on a block device (here a read-only loop device over a fixture, as a site
+/// might keep images on a disk partition) mounts and reads as the file does: its size is
+/// the device's, which the file's metadata does not give.
+#[test]
+fn a_block_device_image_mounts_as_the_file_does() {
+    require_mount();
+    let image = fixtures().image("zstd");
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--read-only"])
+        .arg(image)
+        .output()
+        .expect("losetup (util-linux)");
+    assert!(out.status.success(), "losetup: {out:?}");
+    let device = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    struct Loop(String);
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _loop = Loop(device.clone());
+    let kernel = mount_util::KernelMount::new(image);
+    let m = SifuseMount::daemon(Path::new(&device), &[]);
+    mount_util::assert_no_differences(
+        "zstd on a loop device",
+        &mount_util::compare_views(
+            &kernel.mountpoint,
+            &m.mountpoint,
+            mount_util::ViewExceptions::default(),
+        ),
+    );
+}
+
 /// One line on stderr, starting "sifuse: ", and mentioning `what`.
 fn assert_one_clear_line(out: &std::process::Output, what: &str) {
     assert!(!out.status.success(), "should fail: {out:?}");

@@ -32,6 +32,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::mount::detached::DetachedError;
 use crate::mount::server::{Ending, Role};
@@ -103,7 +104,27 @@ fn take_control(fd: RawFd) -> Result<File, ControlError> {
     }
     // SAFETY: the descriptor is open (checked above) and the launcher handed it to this
     // process, which from here on is its only user: the File closes it exactly once.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    let control = unsafe { File::from_raw_fd(fd) };
+    bound_sends(&control).map_err(|e| bad(e.to_string()))?;
+    Ok(control)
+}
+
+/// Longest a message to the launcher may wait for room in the control socket. Messages
+/// are a few lines, so only a launcher that stopped reading fills it; a send that times
+/// out fails as a closed stream does.
+pub const CONTROL_SEND_LIMIT: Duration = Duration::from_secs(10);
+
+/// Bound every write to the control stream by [`CONTROL_SEND_LIMIT`]. Reads stay
+/// unbounded: the launcher answers `started` when its container has started, however long
+/// that takes. A control descriptor that is not a socket is left as it is.
+fn bound_sends(control: &File) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt::SendTimeout};
+    use nix::sys::time::TimeVal;
+    let limit = TimeVal::new(CONTROL_SEND_LIMIT.as_secs() as i64, 0);
+    match setsockopt(control, SendTimeout, &limit) {
+        Ok(()) | Err(nix::errno::Errno::ENOTSOCK) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// How a hand-off ends once serving did not fail, or was not the launcher's to hear of:
@@ -128,6 +149,33 @@ mod tests {
         assert!(err.contains("must be 3 or above"), "{err}");
         let err = take_control(1_000_000).unwrap_err().to_string();
         assert!(err.contains("control descriptor 1000000"), "{err}");
+    }
+
+    /// A launcher that stops reading cannot hold the server in a write: once the socket
+    /// is full, a write fails after CONTROL_SEND_LIMIT instead of waiting for ever.
+    #[test]
+    fn writes_to_a_launcher_that_stopped_reading_end() {
+        use std::os::fd::IntoRawFd;
+        use std::os::unix::net::UnixStream;
+        let (ours, _launcher) = UnixStream::pair().unwrap();
+        let mut control = take_control(ours.into_raw_fd()).unwrap();
+        let started = std::time::Instant::now();
+        let line = [b'x'; 4096];
+        let failed = (0..100_000).find_map(|_| control.write_all(&line).err());
+        let took = started.elapsed();
+        let e = failed.expect("the socket never filled");
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+        assert!(
+            took >= CONTROL_SEND_LIMIT - Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert!(took < CONTROL_SEND_LIMIT * 3, "{took:?}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub struct FileWindow {
 impl FileWindow {
     /// A window over an open file. The window must lie inside the file as it is now.
     pub fn new(file: Arc<File>, start: u64, len: u64) -> io::Result<Self> {
-        let file_len = file.metadata()?.len();
+        let file_len = file_size(&file)?;
         let end = start
             .checked_add(len)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "window end overflows"))?;
@@ -76,6 +76,19 @@ fn check_image_kind(meta: &std::fs::Metadata) -> io::Result<()> {
         io::ErrorKind::InvalidInput,
         format!("{what}: an image must be a regular file or a block device"),
     ))
+}
+
+/// The size of an image file: its length, or for a block device (whose metadata says 0)
+/// the size of the device.
+pub fn file_size(file: &File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        // Reads are positioned (pread), so moving the file offset changes nothing else.
+        return (&*file).seek(SeekFrom::End(0));
+    }
+    Ok(meta.len())
 }
 
 /// Open an image file read-only. `/proc/self/fd/N` and `/dev/fd/N` name an inherited

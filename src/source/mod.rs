@@ -9,7 +9,7 @@ pub mod file;
 pub mod remote;
 pub mod window;
 
-pub use file::{inherited_fd, open_image_file, FileWindow};
+pub use file::{file_size, inherited_fd, open_image_file, FileWindow};
 pub use window::Window;
 
 use std::io;
