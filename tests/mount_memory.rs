@@ -138,6 +138,64 @@ fn blocks_the_kernel_holds_are_not_kept_twice() {
     eprintln!("fixture tree read: RSS {} MiB", tree_rss >> 20);
 }
 
+/// A tree of small incompressible files (72 MiB of fragment blocks, more than the 64 MiB
+/// cache) read whole, as tar does: the server keeps only the last few fragment blocks, not
+/// the blocks whose files the kernel already holds.
+#[test]
+fn a_tree_read_keeps_only_the_last_fragment_blocks() {
+    require_mount();
+    let dir = scratch("fragments");
+    let src = dir.path().join("src");
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for d in 0..240 {
+        let sub = src.join(format!("d{d:03}"));
+        fs::create_dir_all(&sub).unwrap();
+        for f in 0..60 {
+            let mut data = vec![0u8; 5 << 10];
+            for chunk in data.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes());
+            }
+            fs::write(sub.join(format!("f{f:02}.bin")), &data).unwrap();
+        }
+    }
+    let img = dir.path().join("fragments.sqfs");
+    let st = Command::new("mksquashfs")
+        .arg(&src)
+        .arg(&img)
+        .args(["-noappend", "-quiet", "-no-progress", "-comp", "gzip"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mksquashfs failed");
+    let m = SifuseMount::daemon(&img, &["-o", "idle_release=0"]);
+    let r = read_tree(&m.mountpoint, u64::MAX);
+    // An image without an xattr table answers listxattr on directories as the kernel
+    // does: EOPNOTSUPP.
+    let unexpected = r.unexpected(&[libc::EOPNOTSUPP]);
+    assert!(
+        unexpected.is_empty(),
+        "{:?}",
+        &unexpected[..unexpected.len().min(3)]
+    );
+    assert_eq!(r.bytes, 240 * 60 * (5 << 10), "bytes read");
+    let after = rss(m.daemon_pid());
+    let peak = peak_rss(m.daemon_pid()).unwrap();
+    eprintln!(
+        "72 MiB of small files read: RSS {} MiB, peak {} MiB",
+        after >> 20,
+        peak >> 20
+    );
+    // A few MiB of its own, and at most 4 MiB of fragment blocks (it reached 29 MiB when
+    // every fragment block shared by two directories stayed).
+    assert!(
+        peak <= 16 << 20,
+        "a tree read took the server to {} MiB",
+        peak >> 20
+    );
+}
+
 /// Eight readers at once, each on its own part of the data, with the default budget and
 /// with a small one: the peak stays within cache_size + 96 MiB.
 #[test]

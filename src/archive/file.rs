@@ -63,6 +63,17 @@ impl FileInfo {
     }
 }
 
+/// At most this many bytes of fragment blocks stay in the cache: those decompressed last.
+/// A fragment block holds the tails of files that lie together in the image, and readers
+/// reach them together: its files in the directory being read are pushed into the page
+/// cache at once (`fuse/push.rs`), and the files of the next directory that share it are
+/// read next. Kept longer, fragment blocks filled the whole budget during a tree read
+/// (64 MiB of them per mount, for nothing: the kernel held every file already), which made
+/// eight mounts read at once cost 580 MiB.
+pub const FRAGMENT_BYTES_KEPT: u64 = 4 << 20;
+/// ...and at least this many blocks, whatever the block size.
+const FRAGMENTS_KEPT_MIN: u64 = 4;
+
 impl Archive {
     /// Block `index` of a file, `index` < `file.block_count()`.
     pub fn file_block(&self, file: &FileInfo, index: u64) -> Result<BlockData> {
@@ -95,8 +106,7 @@ impl Archive {
             .fragment
             .filter(|_| index == file.block_count)
             .ok_or_else(|| Error::corrupt("file has fewer blocks than its size needs"))?;
-        let (pos, word) = self.fragment_entry(frag.index)?;
-        let block = self.data_block(BlockKind::Fragment, pos, word, self.sb.block_size as usize)?;
+        let block = self.fragment_block(frag.index)?;
         let from = frag.offset as usize;
         if from
             .checked_add(expected)
@@ -113,6 +123,45 @@ impl Archive {
             start: from,
             len: expected,
         })
+    }
+
+    /// Fragment block `index`, through the cache, which keeps only the few most recently
+    /// decompressed fragment blocks ([`FRAGMENT_BYTES_KEPT`]).
+    fn fragment_block(&self, index: u32) -> Result<Arc<Block>> {
+        let (pos, word) = self.fragment_entry(index)?;
+        let key = CacheKey::Block {
+            kind: BlockKind::Fragment,
+            offset: pos,
+        };
+        let mut loaded = false;
+        let block = self
+            .cache
+            .get_or_load(&key, || {
+                loaded = true;
+                self.load_data_block(pos, word, self.sb.block_size as usize)
+                    .map(|b| Cached::Block(Arc::new(b)))
+            })?
+            .into_block()?;
+        if loaded {
+            let kept =
+                (FRAGMENT_BYTES_KEPT / u64::from(self.sb.block_size)).max(FRAGMENTS_KEPT_MIN);
+            let mut recent = self
+                .recent_fragments
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            recent.push_back(pos);
+            while recent.len() as u64 > kept {
+                if let Some(old) = recent.pop_front() {
+                    if !recent.contains(&old) {
+                        self.cache.remove(&CacheKey::Block {
+                            kind: BlockKind::Fragment,
+                            offset: old,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(block)
     }
 
     /// Image offset and size word of fragment block `index` (an entry of the fragment

@@ -49,6 +49,8 @@ pub struct Archive {
     exports: Option<LookupTable>,
     xattr: xattr::XattrSlot,
     root: Inode,
+    /// The fragment blocks in the cache, oldest first (see [`file::FRAGMENT_BYTES_KEPT`]).
+    recent_fragments: std::sync::Mutex<std::collections::VecDeque<u64>>,
 }
 
 impl std::fmt::Debug for Archive {
@@ -104,6 +106,7 @@ impl Archive {
             xattr: Default::default(),
             // Replaced below once the reader can decode it.
             root: placeholder_root(),
+            recent_fragments: Default::default(),
         };
         if archive.sb.has(flags::COMPRESSOR_OPTIONS) {
             let mut r = MetadataReader::new(
