@@ -187,7 +187,7 @@ fn a_tree_read_keeps_only_the_last_fragment_blocks() {
         after >> 20,
         peak >> 20
     );
-    // A few MiB of its own, and at most 4 MiB of fragment blocks (it reached 29 MiB when
+    // A few MiB of its own, and at most 2 MiB of fragment blocks (it reached 29 MiB when
     // every fragment block shared by two directories stayed).
     assert!(
         peak <= 16 << 20,

@@ -70,7 +70,7 @@ impl FileInfo {
 /// read next. Kept longer, fragment blocks filled the whole budget during a tree read
 /// (64 MiB of them per mount, for nothing: the kernel held every file already), which made
 /// eight mounts read at once cost 580 MiB.
-pub const FRAGMENT_BYTES_KEPT: u64 = 4 << 20;
+pub const FRAGMENT_BYTES_KEPT: u64 = 2 << 20;
 /// ...and at least this many blocks, whatever the block size.
 const FRAGMENTS_KEPT_MIN: u64 = 4;
 

@@ -31,6 +31,11 @@ struct Job {
     pos: u64,
     word: u32,
     expected: usize,
+    /// The stream it is read ahead for, and where in the file the block starts: once the
+    /// reader has got there, the block is the reader's (and may already have been
+    /// delivered and let go: loading it then would leave it in the cache for nothing).
+    stream: Arc<Stream>,
+    from: u64,
 }
 
 /// The worker pool of one archive. The workers start at the first read, not at creation:
@@ -108,7 +113,7 @@ impl ReadAhead {
     /// Note a read of `[offset, offset + len)` of `file` and, if the stream is sequential,
     /// queue the blocks that follow. Call before serving the read, so the workers run
     /// alongside it.
-    pub fn on_read(&self, file: &FileInfo, stream: &Stream, offset: u64, len: u64) {
+    pub fn on_read(&self, file: &FileInfo, stream: &Arc<Stream>, offset: u64, len: u64) {
         let Some(queue) = self.queue() else { return };
         let bs = u64::from(self.archive.sb.block_size);
         let end = offset.saturating_add(len).min(file.file_size);
@@ -153,6 +158,8 @@ impl ReadAhead {
                     pos: at.offset,
                     word: at.word,
                     expected,
+                    stream: stream.clone(),
+                    from: next * bs,
                 }) {
                     Ok(()) => {}
                     // Busy: leave the rest to the reader, and try again on its next read.
@@ -187,6 +194,10 @@ fn work(archive: &Archive, rx: &Mutex<Receiver<Job>>) {
                 Err(_) => return,
             }
         };
+        // Late: the reader got to the block first (under load, workers fall behind).
+        if job.stream.next_offset.load(Ordering::Relaxed) > job.from {
+            continue;
+        }
         // A failure is the reader's to report when it reaches the block; nothing is cached.
         // A panic (a bug on a hostile image) must not end the worker either.
         let load = || archive.data_block(BlockKind::Data, job.pos, job.word, job.expected);
@@ -195,5 +206,50 @@ fn work(archive: &Archive, rx: &Mutex<Receiver<Job>>) {
             Ok(Err(e)) => tracing::debug!("read-ahead of the block at byte {}: {e}", job.pos),
             Err(_) => tracing::warn!("read-ahead of the block at byte {} panicked", job.pos),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn tiny() -> Archive {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny/tiny-gzip.sqfs");
+        Archive::open(Arc::new(std::fs::read(path).unwrap()), 1 << 20).unwrap()
+    }
+
+    /// A job for a block its reader has already reached is dropped: the block was the
+    /// reader's to load, and may have been delivered and let go already.
+    #[test]
+    fn a_late_job_leaves_nothing_in_the_cache() {
+        let a = tiny();
+        let inode = a.resolve(b"dir/numbers").unwrap();
+        let f = inode.as_file().unwrap();
+        let bs = u64::from(a.sb.block_size);
+        let at = a.block_location(f, 1).unwrap();
+        let job = |reader_at: u64| Job {
+            pos: at.offset,
+            word: at.word,
+            expected: (f.file_size - bs).min(bs) as usize,
+            stream: Arc::new(Stream {
+                next_offset: AtomicU64::new(reader_at),
+                ..Stream::default()
+            }),
+            from: bs,
+        };
+        let run = |job: Job| {
+            let (tx, rx) = sync_channel(1);
+            tx.send(job).unwrap();
+            drop(tx);
+            work(&a, &Mutex::new(rx));
+        };
+        run(job(bs + 1));
+        assert!(
+            !a.is_data_block_cached(at.offset),
+            "a late job loaded its block"
+        );
+        run(job(bs));
+        assert!(a.is_data_block_cached(at.offset), "a timely job did not");
     }
 }
