@@ -236,6 +236,62 @@ fn reading_one_small_file_pushes_its_siblings_into_the_page_cache() {
     assert_eq!(logged(&log, " READ fh"), 1, "{log}");
 }
 
+/// One fragment block holding the small files of two directories: the second directory's
+/// files are pushed when its first file is read, although the block was pushed before
+/// (for the first directory, when the kernel had not yet looked up the second's files and
+/// refused them). Two READs for twenty files.
+#[test]
+fn a_fragment_block_shared_by_two_directories_is_pushed_for_each() {
+    require_mount();
+    let scratch = mount_util::scratch("push2");
+    let tree = scratch.path().join("tree");
+    let mut files = Vec::new();
+    for dir in ["a", "b"] {
+        fs::create_dir_all(tree.join(dir)).unwrap();
+        for i in 0..10 {
+            let body = format!("# {dir} {i}\n").repeat(100 + i * 13).into_bytes();
+            let name = format!("{dir}/f{i:02}.py");
+            fs::write(tree.join(&name), &body).unwrap();
+            files.push((name, body));
+        }
+    }
+    let image = scratch.path().join("push2.sqfs");
+    let out = Command::new("mksquashfs")
+        .arg(&tree)
+        .arg(&image)
+        .args(["-quiet", "-no-progress", "-comp", "gzip"])
+        .output()
+        .expect("squashfs-tools must be installed (mksquashfs)");
+    assert!(out.status.success(), "mksquashfs: {out:?}");
+
+    let mut m = SifuseMount::foreground(&image, &["-d"]);
+    for dir in ["a", "b"] {
+        // As tar does: list the directory, read its first file, then the others.
+        assert_eq!(fs::read_dir(m.path(dir)).unwrap().count(), 10);
+        let prefix = format!("{dir}/");
+        let mine: Vec<_> = files
+            .iter()
+            .filter(|(n, _)| n.starts_with(&prefix))
+            .collect();
+        assert_eq!(fs::read(m.path(&mine[0].0)).unwrap(), mine[0].1);
+        let pushed = wait_for(Duration::from_secs(10), || {
+            mine[1..].iter().all(|(name, _)| resident(&m.path(name)))
+        });
+        assert!(
+            pushed,
+            "the files of {dir}/ after its first were not pushed"
+        );
+    }
+    for (name, body) in &files {
+        assert!(fs::read(m.path(name)).unwrap() == *body, "{name} differs");
+    }
+    mount_util::force_unmount(&m.mountpoint);
+    let out = m.child_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(logged(&log, " READ fh"), 2, "{log}");
+}
+
 /// Whether every page of the file at `path` is in the page cache.
 fn resident(path: &Path) -> bool {
     use std::os::fd::AsRawFd;

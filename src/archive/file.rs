@@ -383,14 +383,4 @@ impl Archive {
             }
         }
     }
-
-    /// Forget fragment block `index` (its files were all pushed to the kernel).
-    pub fn release_fragment(&self, index: u32) {
-        if let Ok((pos, _)) = self.fragment_entry(index) {
-            self.cache.remove(&CacheKey::Block {
-                kind: BlockKind::Fragment,
-                offset: pos,
-            });
-        }
-    }
 }

@@ -28,8 +28,8 @@ use super::nodes::NodeTable;
 
 /// Jobs waiting for the worker, at most.
 const QUEUE: usize = 32;
-/// Fragment blocks remembered as pushed; past this the memory starts over, and at worst a
-/// few files are pushed twice.
+/// Pushes remembered as done; past this the memory starts over, and at worst a few files
+/// are pushed twice.
 const REMEMBERED: usize = 4096;
 
 /// Push the files after `after` in the inode table that lie wholly in fragment block
@@ -49,7 +49,11 @@ struct Shared {
 /// The pusher of one mount.
 pub struct Pusher {
     shared: Arc<Shared>,
-    pushed: Mutex<HashSet<u32>>,
+    /// The pushes done, by fragment block and the file whose read started them. A block
+    /// is pushed again when a file in it that was not pushed is read: the kernel refuses
+    /// pushes to files it has not looked up yet, and a fragment block often holds the
+    /// first files of the next directory too, which a reader lists only later.
+    pushed: Mutex<HashSet<(u32, InodeRef)>>,
     /// Started at the first job, from a request thread, so that the worker inherits its
     /// blocked exit signals and is not lost in the daemon's fork.
     queue: OnceLock<Option<SyncSender<Job>>>,
@@ -94,7 +98,7 @@ impl Pusher {
             if pushed.len() >= REMEMBERED {
                 pushed.clear();
             }
-            if !pushed.insert(fragment) {
+            if !pushed.insert((fragment, inode.iref)) {
                 return;
             }
         }
@@ -139,7 +143,8 @@ fn push(shared: &Shared, job: &Job) -> crate::Result<()> {
     let Some(notifier) = shared.notifier.get() else {
         return Ok(());
     };
-    let mut complete = true;
+    // The block stays in the cache among the last few fragment blocks (see
+    // archive::file::FRAGMENT_BYTES_KEPT): the next directory's files may share it.
     shared
         .archive
         .files_in_fragment_after(job.after, job.fragment, |inode, bytes| {
@@ -150,14 +155,9 @@ fn push(shared: &Shared, job: &Job) -> crate::Result<()> {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::debug!("push of inode {}: {e}", inode.number);
-                    complete = false;
                     false
                 }
             }
         })?;
-    // Its files are in the page cache now: the block need not stay in memory here too.
-    if complete {
-        shared.archive.release_fragment(job.fragment);
-    }
     Ok(())
 }
