@@ -401,3 +401,81 @@ fn an_oras_image_needs_no_https_for_a_plain_registry_and_takes_registry_auth() {
         &compare_views(&kernel.mountpoint, &m.mountpoint, ViewExceptions::default()),
     );
 }
+
+/// A remote image through the ways launchers call sifuse: the squashfuse_ll command line
+/// (with owners mapped), and launcher mode's control stream, which mounts on a directory
+/// sifuse makes and removes again when asked to clean up.
+#[test]
+fn launchers_mount_a_remote_image_as_a_local_one() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::io::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::process::{Command, Stdio};
+    require_mount();
+    let served = serve("zstd", true);
+    let url = served.url();
+    let cache = scratch("launch-cache");
+    let kernel = KernelMount::new(fixtures().image("zstd"));
+    let names = |dir: &Path| {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+
+    // squashfuse_ll, as SingularityCE calls it, through the compat link.
+    let links = scratch("compat-links");
+    let out = Command::new(env!("CARGO_BIN_EXE_sifuse"))
+        .arg("install-compat")
+        .arg(links.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "install-compat: {out:?}");
+    let (_dir, mnt) = SifuseMount::new_mountpoint("compat-remote");
+    let out = Command::new(links.path().join("squashfuse_ll"))
+        .args(["-o", "uid=4242,gid=4242"])
+        .arg(&url)
+        .arg(&mnt)
+        .env("SIFUSE_CACHE_DIR", cache.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "squashfuse_ll URL: {out:?}");
+    assert_eq!(names(&mnt), names(&kernel.mountpoint));
+    let first = fs::read_dir(&mnt).unwrap().next().unwrap().unwrap().path();
+    assert_eq!(fs::symlink_metadata(&first).unwrap().uid(), 4242);
+    mount_util::force_unmount(&mnt);
+
+    // Launcher mode: ready PATH, then cleanup.
+    let tmp = scratch("launch-tmp");
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sifuse"));
+    cmd.args(["mount", "--control-fd", "3", "--cache-dir"])
+        .arg(cache.path())
+        .arg(&url)
+        .env("TMPDIR", tmp.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    mount_util::pass_as_fd3(&mut cmd, theirs.as_raw_fd());
+    let mut server = cmd.spawn().unwrap();
+    drop(theirs);
+    let mut input = BufReader::new(ours.try_clone().unwrap());
+    let mut line = String::new();
+    input.read_line(&mut line).unwrap();
+    let path = PathBuf::from(
+        line.trim_end()
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("expected ready, got {line:?}")),
+    );
+    assert_eq!(names(&path), names(&kernel.mountpoint));
+    (&ours).write_all(b"cleanup\n").unwrap();
+    line.clear();
+    input.read_line(&mut line).unwrap();
+    assert_eq!(line, "done\n");
+    assert!(server.wait().unwrap().success());
+    assert!(!path.exists(), "the host mount point is left behind");
+}

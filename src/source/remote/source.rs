@@ -249,10 +249,9 @@ impl Streams {
     ) -> Option<Range<u64>> {
         self.clock += 1;
         let clock = self.clock;
-        let found = self
-            .slots
-            .iter_mut()
-            .find(|s| s.used != 0 && offset <= s.next && offset + back >= s.next);
+        let found = self.slots.iter_mut().find(|s| {
+            s.used != 0 && offset + back >= s.next && offset <= s.next.saturating_add(back)
+        });
         let Some(s) = found else {
             let s = self
                 .slots
