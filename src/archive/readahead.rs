@@ -146,6 +146,8 @@ impl ReadAhead {
             .max(end.div_ceil(bs));
         let last = (end.div_ceil(bs) + window).min(blocks);
         let mut next = first;
+        // The image bytes of the blocks queued, for the source to fetch ahead.
+        let mut bytes: Option<std::ops::Range<u64>> = None;
         while next < last {
             // A block the list cannot locate is the reader's to report.
             let Ok(at) = self.archive.block_location(file, next) else {
@@ -153,6 +155,11 @@ impl ReadAhead {
             };
             // Sparse blocks need no work; cached ones are done.
             if at.disk_len() != 0 && !self.archive.is_data_block_cached(at.offset) {
+                let end = at.offset + u64::from(at.disk_len());
+                bytes = Some(match bytes {
+                    Some(r) => r.start.min(at.offset)..r.end.max(end),
+                    None => at.offset..end,
+                });
                 let expected = (file.file_size - next * bs).min(bs) as usize;
                 match queue.try_send(Job {
                     pos: at.offset,
@@ -170,6 +177,9 @@ impl ReadAhead {
             next += 1;
         }
         stream.ahead_until.fetch_max(next, Ordering::Relaxed);
+        if let Some(range) = bytes {
+            self.archive.source().will_read(range);
+        }
     }
 }
 

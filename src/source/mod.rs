@@ -26,6 +26,10 @@ pub trait ReadAt: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// A hint that the bytes `range` will be read soon: the archive's read-ahead found a
+    /// file read in order. A source that fetches from afar may start fetching them; others
+    /// ignore it.
+    fn will_read(&self, _range: std::ops::Range<u64>) {}
 }
 
 /// The end of a read of `len` bytes at `offset` from `what` of `size` bytes, or the
@@ -110,6 +114,9 @@ impl<S: ReadAt + ?Sized> ReadAt for CountingSource<S> {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn will_read(&self, range: std::ops::Range<u64>) {
+        self.inner.will_read(range)
+    }
 }
 
 impl<S: ReadAt + ?Sized> ReadAt for Arc<S> {
@@ -118,6 +125,9 @@ impl<S: ReadAt + ?Sized> ReadAt for Arc<S> {
     }
     fn len(&self) -> u64 {
         (**self).len()
+    }
+    fn will_read(&self, range: std::ops::Range<u64>) {
+        (**self).will_read(range)
     }
 }
 

@@ -52,6 +52,14 @@ impl ReadAt for Window {
         self.inner.read_exact_at(buf, self.start + offset)
     }
 
+    fn will_read(&self, range: std::ops::Range<u64>) {
+        let end = range.end.min(self.len);
+        if range.start < end {
+            self.inner
+                .will_read(self.start + range.start..self.start + end);
+        }
+    }
+
     fn len(&self) -> u64 {
         self.len
     }

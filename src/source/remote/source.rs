@@ -249,9 +249,10 @@ impl Streams {
     ) -> Option<Range<u64>> {
         self.clock += 1;
         let clock = self.clock;
-        let found = self.slots.iter_mut().find(|s| {
-            s.used != 0 && offset + back >= s.next && offset <= s.next.saturating_add(back)
-        });
+        let found = self
+            .slots
+            .iter_mut()
+            .find(|s| s.used != 0 && offset <= s.next && offset + back >= s.next);
         let Some(s) = found else {
             let s = self
                 .slots
@@ -914,6 +915,38 @@ impl ReadAt for RemoteSource {
 
     fn len(&self) -> u64 {
         self.inner.meta.len
+    }
+
+    /// Fetch what the archive's read-ahead will read, by the background workers, in large
+    /// requests. The byte-level detection in [`Streams`] misses a sequential file read
+    /// whose blocks arrive from several threads, some ahead of the reader.
+    fn will_read(&self, range: Range<u64>) {
+        let inner = &*self.inner;
+        let range = range.start..range.end.min(inner.meta.len);
+        if range.is_empty() || !self.background_started() {
+            return;
+        }
+        // The hints of one file follow on from each other: as a stream, they earn windows
+        // as far ahead as the file has been read (up to the read-ahead limit), so the
+        // requests grow large.
+        let ahead = inner
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .on_read(
+                range.start,
+                range.end,
+                inner.config.chunk_size as u64,
+                inner.config.read_ahead_min_run,
+                inner.config.read_ahead_bytes.max(PAGE),
+            );
+        let fetch = match ahead {
+            Some(a) => range.start.min(a.start)..range.end.max(a.end).min(inner.meta.len),
+            None => range,
+        };
+        if let Some(pool) = self.pool.get() {
+            let _ = pool.jobs.try_send(Job::ReadAhead(fetch));
+        }
     }
 }
 
