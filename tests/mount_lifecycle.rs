@@ -200,14 +200,7 @@ fn reading_one_small_file_pushes_its_siblings_into_the_page_cache() {
     for (name, body) in &files {
         fs::write(pkg.join(name), body).unwrap();
     }
-    let image = scratch.path().join("push.sqfs");
-    let out = Command::new("mksquashfs")
-        .arg(&tree)
-        .arg(&image)
-        .args(["-quiet", "-no-progress", "-comp", "gzip"])
-        .output()
-        .expect("squashfs-tools must be installed (mksquashfs)");
-    assert!(out.status.success(), "mksquashfs: {out:?}");
+    let image = gzip_image(&tree, &scratch.path().join("push.sqfs"));
 
     let mut m = SifuseMount::foreground(&image, &["-d"]);
     // List first, as tar does: readdirplus hands the kernel every file's node.
@@ -255,14 +248,7 @@ fn a_fragment_block_shared_by_two_directories_is_pushed_for_each() {
             files.push((name, body));
         }
     }
-    let image = scratch.path().join("push2.sqfs");
-    let out = Command::new("mksquashfs")
-        .arg(&tree)
-        .arg(&image)
-        .args(["-quiet", "-no-progress", "-comp", "gzip"])
-        .output()
-        .expect("squashfs-tools must be installed (mksquashfs)");
-    assert!(out.status.success(), "mksquashfs: {out:?}");
+    let image = gzip_image(&tree, &scratch.path().join("push2.sqfs"));
 
     let mut m = SifuseMount::foreground(&image, &["-d"]);
     for dir in ["a", "b"] {
@@ -290,6 +276,18 @@ fn a_fragment_block_shared_by_two_directories_is_pushed_for_each() {
     assert!(out.status.success(), "{out:?}");
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(logged(&log, " READ fh"), 2, "{log}");
+}
+
+/// `tree` packed by mksquashfs (gzip) into `image`.
+fn gzip_image(tree: &Path, image: &Path) -> std::path::PathBuf {
+    let out = Command::new("mksquashfs")
+        .arg(tree)
+        .arg(image)
+        .args(["-quiet", "-no-progress", "-comp", "gzip"])
+        .output()
+        .expect("squashfs-tools must be installed (mksquashfs)");
+    assert!(out.status.success(), "mksquashfs: {out:?}");
+    image.to_path_buf()
 }
 
 /// Whether every page of the file at `path` is in the page cache.

@@ -26,30 +26,40 @@ fn rss(pid: i32) -> u64 {
     kib << 10
 }
 
-/// An image of 48 MiB of incompressible files, which random reads spread over the cache.
-fn random_data_image(dir: &Path) -> std::path::PathBuf {
-    let src = dir.join("src");
-    fs::create_dir(&src).unwrap();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for f in 0..6 {
-        let mut data = vec![0u8; 8 << 20];
-        for chunk in data.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        fs::write(src.join(format!("r{f}.bin")), &data).unwrap();
+/// `len` incompressible bytes, continuing the sequence `state` is at.
+fn random_bytes(state: &mut u64, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    for chunk in data.chunks_exact_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes());
     }
-    let img = dir.join("random.sqfs");
+    data
+}
+
+/// The gzip SquashFS image `name` of the tree `src`, beside it.
+fn pack(src: &Path, name: &str) -> std::path::PathBuf {
+    let img = src.parent().unwrap().join(name);
     let st = Command::new("mksquashfs")
-        .arg(&src)
+        .arg(src)
         .arg(&img)
         .args(["-noappend", "-quiet", "-no-progress", "-comp", "gzip"])
         .status()
         .unwrap();
     assert!(st.success(), "mksquashfs failed");
     img
+}
+
+/// An image of 48 MiB of incompressible files, which random reads spread over the cache.
+fn random_data_image(dir: &Path) -> std::path::PathBuf {
+    let src = dir.join("src");
+    fs::create_dir(&src).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for f in 0..6 {
+        fs::write(src.join(format!("r{f}.bin")), random_bytes(&mut x, 8 << 20)).unwrap();
+    }
+    pack(&src, "random.sqfs")
 }
 
 /// 4 KiB reads spread over every file: each touches a block no read finishes, so the
@@ -151,24 +161,14 @@ fn a_tree_read_keeps_only_the_last_fragment_blocks() {
         let sub = src.join(format!("d{d:03}"));
         fs::create_dir_all(&sub).unwrap();
         for f in 0..60 {
-            let mut data = vec![0u8; 5 << 10];
-            for chunk in data.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                chunk.copy_from_slice(&x.to_le_bytes());
-            }
-            fs::write(sub.join(format!("f{f:02}.bin")), &data).unwrap();
+            fs::write(
+                sub.join(format!("f{f:02}.bin")),
+                random_bytes(&mut x, 5 << 10),
+            )
+            .unwrap();
         }
     }
-    let img = dir.path().join("fragments.sqfs");
-    let st = Command::new("mksquashfs")
-        .arg(&src)
-        .arg(&img)
-        .args(["-noappend", "-quiet", "-no-progress", "-comp", "gzip"])
-        .status()
-        .unwrap();
-    assert!(st.success(), "mksquashfs failed");
+    let img = pack(&src, "fragments.sqfs");
     let m = SifuseMount::daemon(&img, &["-o", "idle_release=0"]);
     let r = read_tree(&m.mountpoint, u64::MAX);
     // An image without an xattr table answers listxattr on directories as the kernel
