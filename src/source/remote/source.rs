@@ -923,9 +923,10 @@ impl ReadAt for RemoteSource {
     fn will_read(&self, range: Range<u64>) {
         let inner = &*self.inner;
         let range = range.start..range.end.min(inner.meta.len);
-        if range.is_empty() || !self.background_started() {
+        if range.is_empty() {
             return;
         }
+        let started = self.background_started();
         // The hints of one file follow on from each other: as a stream, they earn windows
         // as far ahead as the file has been read (up to the read-ahead limit), so the
         // requests grow large.
@@ -944,8 +945,15 @@ impl ReadAt for RemoteSource {
             Some(a) => range.start.min(a.start)..range.end.max(a.end).min(inner.meta.len),
             None => range,
         };
-        if let Some(pool) = self.pool.get() {
-            let _ = pool.jobs.try_send(Job::ReadAhead(fetch));
+        // By the workers beside the reads, or, without workers, now (as a read's own
+        // read-ahead is); a failure is the read's to report.
+        match self.pool.get() {
+            Some(pool) if started => {
+                let _ = pool.jobs.try_send(Job::ReadAhead(fetch));
+            }
+            _ => {
+                let _ = inner.fill(fetch, Mode::Ahead);
+            }
         }
     }
 }
