@@ -527,6 +527,44 @@ impl RemoteSource {
         }
     }
 
+    /// Note a read (or a hint) of `range` in the read streams; what to fetch ahead of it,
+    /// if anything (see [`Streams::on_read`]).
+    fn stream_ahead(&self, range: Range<u64>) -> Option<Range<u64>> {
+        let inner = &*self.inner;
+        inner
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .on_read(
+                range.start,
+                range.end,
+                inner.config.chunk_size as u64,
+                inner.config.read_ahead_min_run,
+                inner.config.read_ahead_bytes.max(PAGE),
+            )
+            .map(|r| r.start..r.end.min(inner.meta.len))
+            .filter(|r| !r.is_empty())
+    }
+
+    /// Fetch `range` ahead of its readers: by the workers beside the reads, or, without
+    /// workers, now, so that the next reads find their bytes (a failure here is the next
+    /// read's to report).
+    fn fetch_ahead(&self, range: Range<u64>) {
+        let started = self.background_started();
+        match self.pool.get() {
+            Some(pool) if started => {
+                if let Err(TrySendError::Disconnected(_)) =
+                    pool.jobs.try_send(Job::ReadAhead(range))
+                {
+                    tracing::debug!("read-ahead workers are gone");
+                }
+            }
+            _ => {
+                let _ = self.inner.fill(range, Mode::Ahead);
+            }
+        }
+    }
+
     fn background_started(&self) -> bool {
         if self.pool.get().is_some() {
             return true;
@@ -873,19 +911,7 @@ impl ReadAt for RemoteSource {
         if buf.is_empty() {
             return Ok(());
         }
-        let ahead = inner
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .on_read(
-                offset,
-                end,
-                inner.config.chunk_size as u64,
-                inner.config.read_ahead_min_run,
-                inner.config.read_ahead_bytes.max(PAGE),
-            )
-            .map(|r| r.start..r.end.min(inner.meta.len))
-            .filter(|r| !r.is_empty());
+        let ahead = self.stream_ahead(offset..end);
         // In windows of a few requests, so that a huge read holds few chunks at once.
         let step = 4 * inner.config.max_request_bytes as usize;
         for (k, part) in buf.chunks_mut(step).enumerate() {
@@ -893,22 +919,11 @@ impl ReadAt for RemoteSource {
             let len = part.len();
             inner.obtain(at, len, Some(part), Mode::Need)?;
         }
-        // Read-ahead: by the workers beside this read, or, without workers, now, so that
-        // the next reads find their bytes (a failure here is the next read's to report).
-        let started = self.background_started();
+        // The first read from a serving thread starts the workers (and the prefetch
+        // waiting for them), whether or not it has anything to read ahead.
+        self.background_started();
         if let Some(ahead) = ahead {
-            match self.pool.get() {
-                Some(pool) if started => {
-                    if let Err(TrySendError::Disconnected(_)) =
-                        pool.jobs.try_send(Job::ReadAhead(ahead))
-                    {
-                        tracing::debug!("read-ahead workers are gone");
-                    }
-                }
-                _ => {
-                    let _ = inner.fill(ahead, Mode::Ahead);
-                }
-            }
+            self.fetch_ahead(ahead);
         }
         Ok(())
     }
@@ -921,40 +936,18 @@ impl ReadAt for RemoteSource {
     /// requests. The byte-level detection in [`Streams`] misses a sequential file read
     /// whose blocks arrive from several threads, some ahead of the reader.
     fn will_read(&self, range: Range<u64>) {
-        let inner = &*self.inner;
-        let range = range.start..range.end.min(inner.meta.len);
+        let range = range.start..range.end.min(self.inner.meta.len);
         if range.is_empty() {
             return;
         }
-        let started = self.background_started();
         // The hints of one file follow on from each other: as a stream, they earn windows
         // as far ahead as the file has been read (up to the read-ahead limit), so the
         // requests grow large.
-        let ahead = inner
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .on_read(
-                range.start,
-                range.end,
-                inner.config.chunk_size as u64,
-                inner.config.read_ahead_min_run,
-                inner.config.read_ahead_bytes.max(PAGE),
-            );
-        let fetch = match ahead {
-            Some(a) => range.start.min(a.start)..range.end.max(a.end).min(inner.meta.len),
+        let fetch = match self.stream_ahead(range.clone()) {
+            Some(a) => range.start.min(a.start)..range.end.max(a.end),
             None => range,
         };
-        // By the workers beside the reads, or, without workers, now (as a read's own
-        // read-ahead is); a failure is the read's to report.
-        match self.pool.get() {
-            Some(pool) if started => {
-                let _ = pool.jobs.try_send(Job::ReadAhead(fetch));
-            }
-            _ => {
-                let _ = inner.fill(fetch, Mode::Ahead);
-            }
-        }
+        self.fetch_ahead(fetch);
     }
 }
 
