@@ -28,6 +28,11 @@
 //!   needs pages of that chunk finds the lock taken and waits (a bounded time, polling),
 //!   then looks again and fetches only what is still missing. If the holder dies, the
 //!   kernel drops its lock.
+//! - **Kept open for reading.** A process keeps the last few chunk files it read open
+//!   ([`ObjectChunks::chunk_for`]): pages are only ever added to a chunk, so a file kept
+//!   open serves the pages it holds (each still verified when read) and is opened again
+//!   only when a read wants pages it lacks. A kept file another process has removed stays
+//!   readable until it is let go.
 //! - **Bounded.** Files are touched (mtime) when used, at most once a minute each; an
 //!   eviction pass removes the least recently used chunks until the cache holds at most
 //!   15/16 of its budget (counting the blocks files occupy). Each process runs a pass when
@@ -93,6 +98,10 @@ const STALE_PART: Duration = Duration::from_secs(600);
 const EVICT_EVERY_MAX: u64 = 64 << 20;
 /// Length of a chunk file's name: the index in hex.
 const INDEX_DIGITS: usize = 12;
+/// Chunk files one process keeps open per object, the most recently used: reading from
+/// one again costs a read, not an open, two fstats, a header read and a close (a
+/// sequential read of a file comes back to the same chunk a few times per MiB).
+const KEPT_OPEN: usize = 16;
 
 /// Why the disk cache cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -305,6 +314,8 @@ pub struct ChunkCache {
     written: AtomicU64,
     /// Writing is paused until this time (ms since the epoch) after a refused write.
     paused_until_ms: AtomicU64,
+    /// Chunk files this process has written (each commit writes one).
+    files_written: AtomicU64,
 }
 
 fn unusable(path: &Path, reason: impl std::fmt::Display) -> CacheError {
@@ -383,6 +394,7 @@ impl ChunkCache {
             // The first write of a process runs a pass: the budget may have shrunk.
             written: AtomicU64::new(u64::MAX / 2),
             paused_until_ms: AtomicU64::new(0),
+            files_written: AtomicU64::new(0),
         }))
     }
 
@@ -420,6 +432,7 @@ impl ChunkCache {
             name,
             meta,
             dir: Mutex::new(Arc::new(dir)),
+            kept: Mutex::new(Vec::new()),
         })
     }
 
@@ -465,9 +478,16 @@ impl ChunkCache {
         }
     }
 
+    /// Chunk files this process has written so far: a chunk fetched in parts is written
+    /// once per part (each time with the pages it held before).
+    pub fn files_written(&self) -> u64 {
+        self.files_written.load(Ordering::Relaxed)
+    }
+
     /// Count `bytes` written, and run an eviction pass when this process has written
     /// enough since its last one.
     fn wrote(&self, bytes: u64) {
+        self.files_written.fetch_add(1, Ordering::Relaxed);
         let every = (self.max_bytes / 16).clamp(1, EVICT_EVERY_MAX);
         let total = self.written.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if total >= every {
@@ -663,6 +683,16 @@ pub struct ObjectChunks {
     meta: ObjectMeta,
     /// The object's directory; made again if an eviction pass removed it.
     dir: Mutex<Arc<OwnedFd>>,
+    /// Chunk files kept open, the most recently used last (at most [`KEPT_OPEN`]).
+    kept: Mutex<Vec<KeptChunk>>,
+}
+
+/// A chunk file kept open, with when it was last touched for eviction's sake.
+#[derive(Debug)]
+struct KeptChunk {
+    index: u64,
+    chunk: Arc<StoredChunk>,
+    touched: Instant,
 }
 
 /// Which pages of a chunk a file holds: one bit each, [`MAX_PAGES`] at most.
@@ -927,9 +957,54 @@ impl ObjectChunks {
         }
     }
 
+    /// Chunk `index` for reading pages `runs`: the file kept open when it holds them all
+    /// (pages are only ever added to a chunk, and a file removed since stays readable), else
+    /// the file opened again and kept. `None` when there is no file or it is damaged; the
+    /// caller checks which pages the chunk returned holds.
+    pub fn chunk_for(&self, index: u64, runs: &[Range<u32>]) -> Option<Arc<StoredChunk>> {
+        {
+            let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(at) = kept.iter().position(|k| k.index == index) {
+                if runs
+                    .iter()
+                    .all(|r| kept[at].chunk.present.covers(r.clone()))
+                {
+                    let mut k = kept.remove(at);
+                    if k.touched.elapsed() >= TOUCH_EVERY {
+                        self.touch(&k.chunk.file);
+                        k.touched = Instant::now();
+                    }
+                    let chunk = k.chunk.clone();
+                    kept.push(k);
+                    return Some(chunk);
+                }
+            }
+        }
+        let chunk = Arc::new(self.open_chunk(index)?);
+        self.keep(index, Some(chunk.clone()));
+        Some(chunk)
+    }
+
+    /// Keep `chunk` open as chunk `index` (`None`: keep nothing for it).
+    fn keep(&self, index: u64, chunk: Option<Arc<StoredChunk>>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.retain(|k| k.index != index);
+        if let Some(chunk) = chunk {
+            if kept.len() >= KEPT_OPEN {
+                kept.remove(0);
+            }
+            kept.push(KeptChunk {
+                index,
+                chunk,
+                touched: Instant::now(),
+            });
+        }
+    }
+
     /// Remove chunk `index`'s file, which `file` showed damaged (unless another file has
     /// been renamed into its place since).
     pub fn drop_damaged(&self, index: u64, file: &File, why: &str) {
+        self.keep(index, None);
         tracing::warn!(
             "chunk {index} of {} in the cache {} is damaged ({why}): removed, fetching it again",
             self.meta.address,
@@ -1069,7 +1144,7 @@ impl StoredChunk {
         let p = PAGE_SIZE as usize;
         let start = pages.start as usize * p;
         let end = (pages.end as usize * p).min(self.len);
-        out.clear();
+        // Zeroed only where the buffer grows: a reused one is overwritten by the read.
         out.resize(end.saturating_sub(start), 0);
         if out.is_empty() {
             return Ok(());
@@ -1140,56 +1215,37 @@ impl<'a> Claim<'a> {
                     new.insert(first + k as u32);
                 }
             }
-            // What the chunk holds already, verified (a damaged one is started afresh).
-            let mut content = vec![0u8; len];
-            let mut present = PageSet::default();
+            // What the chunk holds already and is not being replaced, verified, one read
+            // per run of pages (a damaged one is started afresh: none of it is kept).
+            let mut kept: Vec<(u32, Vec<u8>)> = Vec::new();
             if let Some(old) = chunks.open_chunk(index) {
-                let mut buf = Vec::new();
-                let mut ok = true;
-                for p0 in 0..pages as u32 {
-                    if old.present.contains(p0) && !new.contains(p0) {
-                        if old.read_pages(p0..p0 + 1, &mut buf).is_err() {
-                            ok = false;
-                            break;
-                        }
-                        content[p0 as usize * p..p0 as usize * p + buf.len()].copy_from_slice(&buf);
-                        present.insert(p0);
+                let keep = runs(0..pages as u32, |q| {
+                    old.present.contains(q) && !new.contains(q)
+                });
+                for run in keep {
+                    let mut buf = Vec::new();
+                    if old.read_pages(run.clone(), &mut buf).is_err() {
+                        kept.clear();
+                        break;
                     }
-                }
-                if !ok {
-                    present = PageSet::default();
-                }
-            }
-            for (first, data) in pieces {
-                let start = *first as usize * p;
-                content[start..start + data.len()].copy_from_slice(data);
-                for k in 0..data.len().div_ceil(p) {
-                    present.insert(first + k as u32);
-                }
-            }
-            let mut sums = vec![0u64; pages];
-            for (n, sum) in sums.iter_mut().enumerate() {
-                if present.contains(n as u32) {
-                    *sum = xxh3_64(&content[n * p..((n + 1) * p).min(len)]);
+                    kept.push((run.start, buf));
                 }
             }
             file.set_len(0)?;
-            // Only the pages held are written: the file is sparse.
-            let mut n = 0;
+            // Each run written where it belongs, straight from where it is: the file is
+            // sparse, holding only the pages present.
+            let mut present = PageSet::default();
+            let mut sums = vec![0u64; pages];
             let mut written = HEADER_LEN as u64;
-            while n < pages {
-                if !present.contains(n as u32) {
-                    n += 1;
-                    continue;
+            let kept_pieces = kept.iter().map(|(first, data)| (*first, data.as_slice()));
+            for (first, data) in kept_pieces.chain(pieces.iter().copied()) {
+                for (k, page) in data.chunks(p).enumerate() {
+                    let n = first as usize + k;
+                    sums[n] = xxh3_64(page);
+                    present.insert(n as u32);
                 }
-                let mut m = n;
-                while m < pages && present.contains(m as u32) {
-                    m += 1;
-                }
-                let bytes = &content[n * p..(m * p).min(len)];
-                file.write_all_at(bytes, (HEADER_LEN + n * p) as u64)?;
-                written += bytes.len() as u64;
-                n = m;
+                file.write_all_at(data, (HEADER_LEN + first as usize * p) as u64)?;
+                written += data.len() as u64;
             }
             file.write_all_at(&chunks.header(index, len, &present, &sums), 0)?;
             renameat(&*dir, part.as_str(), &*dir, chunk_name(index).as_str())?;
@@ -1198,6 +1254,8 @@ impl<'a> Claim<'a> {
         // Dropping the Flock (at return) unlocks: a waiter then finds the pages in place.
         match result {
             Ok(written) => {
+                // The file kept open, if any, is the chunk's previous version.
+                chunks.keep(index, None);
                 chunks.cache.wrote(written);
                 true
             }

@@ -194,6 +194,66 @@ fn pages_are_added_to_a_chunk_and_the_ones_held_kept() {
     assert!(!chunks.open_chunk(1).unwrap().present().contains(3));
 }
 
+/// The chunk a reader of `pages` of chunk `index` gets.
+fn reading(chunks: &ObjectChunks, index: u64, pages: Range<u32>) -> Arc<StoredChunk> {
+    chunks
+        .chunk_for(index, std::slice::from_ref(&pages))
+        .expect("the chunk is in the cache")
+}
+
+/// A chunk read again is read from its file kept open, until another writer has added
+/// pages the kept file lacks; pages read from a kept file are still verified every time.
+#[test]
+fn chunk_files_are_kept_open_for_reading_until_they_lack_pages() {
+    use std::os::unix::fs::FileExt;
+    let (_d, cache, chunks) = setup(3 * CS as u64);
+    let p = PAGE_SIZE as usize;
+    let all = payload(1, CS as usize);
+    let ClaimResult::Mine(c) = chunks.claim(1) else {
+        panic!()
+    };
+    assert!(c.commit(&[(0, &all[..2 * p])]));
+    let first = reading(&chunks, 1, 0..2);
+    assert!(Arc::ptr_eq(&first, &reading(&chunks, 1, 0..1)));
+    // Another process adds pages 2..4.
+    let other = cache.object(meta("\"v1\"", 3 * CS as u64)).unwrap();
+    let ClaimResult::Mine(c) = other.claim(1) else {
+        panic!()
+    };
+    assert!(c.commit(&[(2, &all[2 * p..])]));
+    // Pages the kept file holds still come from it; the others make it open the new file.
+    assert!(Arc::ptr_eq(&first, &reading(&chunks, 1, 1..2)));
+    let second = reading(&chunks, 1, 0..4);
+    assert!(!Arc::ptr_eq(&first, &second));
+    let mut out = Vec::new();
+    second.read_pages(0..4, &mut out).unwrap();
+    assert_eq!(out, all);
+    // A byte flipped in the file kept open is found when its page is read.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(chunk_path(&cache, &chunks, 1))
+        .unwrap();
+    f.write_all_at(&[all[3 * p + 5] ^ 1], (HEADER_LEN + 3 * p + 5) as u64)
+        .unwrap();
+    let kept = reading(&chunks, 1, 3..4);
+    assert!(Arc::ptr_eq(&second, &kept));
+    assert!(kept.read_pages(3..4, &mut out).is_err());
+    assert!(kept.read_pages(0..3, &mut out).is_ok());
+}
+
+#[test]
+fn at_most_a_few_chunk_files_are_kept_open() {
+    let (_d, _cache, chunks) = setup(40 * CS as u64);
+    for index in 0..40 {
+        put(&chunks, index);
+        reading(&chunks, index, 0..4);
+    }
+    let kept = chunks.kept.lock().unwrap();
+    assert_eq!(kept.len(), KEPT_OPEN);
+    // The most recently used.
+    assert!(kept.iter().all(|k| k.index >= 40 - KEPT_OPEN as u64));
+}
+
 #[test]
 fn a_claim_excludes_other_fetchers_until_committed_or_given_up() {
     let (_d, cache, chunks) = setup(4 * CS as u64);

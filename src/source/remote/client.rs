@@ -3,12 +3,17 @@
 //! that make a Range answer safe to serve: 206, the exact `Content-Range`, and a body of
 //! exactly the length asked for.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
-use ureq::http::{self, Response};
+use ureq::config::Config;
+use ureq::http::{self, Response, Uri};
 use ureq::tls::{RootCerts, TlsConfig};
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use ureq::Body;
 
 use super::retry::{parse_retry_after, Failure};
@@ -276,19 +281,68 @@ fn read_bundle(path: &Path) -> Result<RootCerts, String> {
     Ok(RootCerts::from(certs))
 }
 
+/// How long a host's resolved addresses are used before it is looked up again.
+const ADDRESSES_KEPT_FOR: Duration = Duration::from_secs(60);
+/// Most hosts whose addresses are kept (a store and the hosts it redirects to).
+const HOSTS_KEPT: usize = 64;
+
+/// A resolver that looks a host up once a minute rather than before every request.
+///
+/// ureq resolves the host before every request, even one sent on a pooled connection, and
+/// to bound the look-up by the request's timeout it does so on a new thread: a thread
+/// started per range request (hundreds a second in a sequential read). The look-up itself
+/// is still the default one, bounded by the same timeout, when a host is new or its
+/// addresses are older than [`ADDRESSES_KEPT_FOR`].
+#[derive(Debug, Default)]
+struct KeptAddresses {
+    kept: Mutex<HashMap<String, (Instant, ResolvedSocketAddrs)>>,
+}
+
+impl Resolver for KeptAddresses {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let key = match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(authority)) => format!("{scheme}://{authority}"),
+            _ => return DefaultResolver::default().resolve(uri, config, timeout),
+        };
+        let now = Instant::now();
+        if let Some((at, addresses)) = self
+            .kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            if now.duration_since(*at) < ADDRESSES_KEPT_FOR {
+                return Ok(addresses.clone());
+            }
+        }
+        let addresses = DefaultResolver::default().resolve(uri, config, timeout)?;
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() >= HOSTS_KEPT {
+            kept.retain(|_, (at, _)| now.duration_since(*at) < ADDRESSES_KEPT_FOR);
+            if kept.len() >= HOSTS_KEPT {
+                kept.clear();
+            }
+        }
+        kept.insert(key, (now, addresses.clone()));
+        Ok(addresses)
+    }
+}
+
 impl HttpClient {
     pub fn new(config: &StoreConfig) -> Result<Self, RemoteError> {
         let tls = TlsConfig::builder().root_certs(root_certs(config)?).build();
-        let agent = ureq::Agent::config_builder()
+        let agent_config = ureq::Agent::config_builder()
             .tls_config(tls)
             .http_status_as_error(false)
             .max_redirects(0)
             .user_agent(config.user_agent.as_str())
             // Bytes must come as stored: no content coding on a Range answer.
             .accept_encoding("identity")
-            // No resolve timeout: ureq resolves before every request, pooled or not, and with
-            // a timeout it starts a thread to do so (150 µs a request on loopback). Name
-            // look-ups are bounded by the system resolver's own timeouts (resolv.conf).
             .timeout_connect(Some(config.connect_timeout))
             .timeout_recv_response(Some(config.idle_timeout))
             .timeout_per_read(Some(config.idle_timeout))
@@ -296,8 +350,12 @@ impl HttpClient {
             .timeout_per_call(Some(config.request_timeout))
             .max_idle_connections(config.max_connections.max(1) * 2)
             .max_idle_connections_per_host(config.max_connections.max(1))
-            .build()
-            .new_agent();
+            .build();
+        let agent = ureq::Agent::with_parts(
+            agent_config,
+            DefaultConnector::new(),
+            KeptAddresses::default(),
+        );
         Ok(HttpClient {
             agent,
             allow_http: config.allow_http,
@@ -407,6 +465,46 @@ fn transport_failure(what: &str, e: ureq::Error) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_addresses_are_looked_up_once_a_minute() {
+        let resolver = KeptAddresses::default();
+        let uri: Uri = "http://localhost:8080/image.sif".parse().unwrap();
+        let config = Config::default();
+        let timeout = || NextTimeout {
+            after: Duration::from_secs(5).into(),
+            reason: ureq::Timeout::Resolve,
+            per_read: None,
+            per_write: None,
+        };
+        let kept = |at: Instant, addresses: &ResolvedSocketAddrs| {
+            resolver
+                .kept
+                .lock()
+                .unwrap()
+                .insert("http://localhost:8080".into(), (at, addresses.clone()));
+        };
+        // Addresses kept less than a minute are used as they are: no look-up.
+        let mut planted = resolver.empty();
+        planted.push("192.0.2.7:8080".parse().unwrap());
+        kept(Instant::now(), &planted);
+        let got = resolver.resolve(&uri, &config, timeout()).unwrap();
+        assert_eq!(&got[..], &planted[..]);
+        // A minute later the host is looked up again, and the answer kept.
+        kept(Instant::now() - ADDRESSES_KEPT_FOR, &planted);
+        let fresh = resolver.resolve(&uri, &config, timeout()).unwrap();
+        assert!(!fresh.is_empty());
+        assert!(
+            fresh
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 8080),
+            "{fresh:?}"
+        );
+        let now_kept = resolver.kept.lock().unwrap()["http://localhost:8080"]
+            .1
+            .clone();
+        assert_eq!(&now_kept[..], &fresh[..]);
+    }
 
     #[test]
     fn content_ranges_parse_strictly() {

@@ -308,6 +308,9 @@ struct Inner {
     fetching: Fetching,
     streams: Mutex<Streams>,
     counters: Counters,
+    /// Request buffers given back, for the next requests: a fresh buffer of a few MiB
+    /// costs a page fault per 4 KiB when first written. At most `max_in_flight` kept.
+    spare_buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 enum Job {
@@ -406,6 +409,7 @@ impl RemoteSource {
                 fetching: Fetching::default(),
                 streams: Mutex::new(Streams::default()),
                 counters: Counters::default(),
+                spare_buffers: Mutex::new(Vec::new()),
             }),
             opener: std::thread::current().id(),
             pool: OnceLock::new(),
@@ -550,6 +554,15 @@ impl RemoteSource {
     /// workers, now, so that the next reads find their bytes (a failure here is the next
     /// read's to report).
     fn fetch_ahead(&self, range: Range<u64>) {
+        // To the end of its last chunk: a chunk fetched in two parts is written to the disk
+        // cache twice, and a sequential reader reads the rest of it next anyway.
+        let cs = self.inner.config.chunk_size as u64;
+        let range = range.start
+            ..range
+                .end
+                .div_ceil(cs)
+                .saturating_mul(cs)
+                .min(self.inner.meta.len);
         let started = self.background_started();
         match self.pool.get() {
             Some(pool) if started => {
@@ -620,9 +633,15 @@ impl Inner {
             end = end.min(range.start.saturating_add(self.config.memory_bytes / 2));
         }
         let step = self.config.max_request_bytes;
+        let cs = self.config.chunk_size as u64;
         let mut at = range.start;
         while at < end {
-            let stop = (at + step).min(end);
+            let mut stop = (at + step).min(end);
+            // Windows end on a chunk's end, so that no chunk is fetched (and written to the
+            // disk cache) in two parts.
+            if stop < end && stop / cs * cs > at {
+                stop = stop / cs * cs;
+            }
             self.obtain(at, (stop - at) as usize, None, mode)?;
             at = stop;
         }
@@ -683,14 +702,19 @@ impl Inner {
         if want.pages.is_empty() {
             return true;
         }
-        let in_memory = |p: u32| {
-            !self.memory.is_empty() && self.memory.peek(&self.global_page(want.chunk, p)).is_some()
+        // Asked once: the memory cache counts its entries shard by shard.
+        let memory_empty = self.memory.is_empty();
+        let in_memory =
+            |p: u32| !memory_empty && self.memory.peek(&self.global_page(want.chunk, p)).is_some();
+        let on_disk = if memory_empty {
+            vec![want.pages.clone()]
+        } else {
+            runs(want.pages.clone(), |p| !in_memory(p))
         };
-        let on_disk = runs(want.pages.clone(), |p| !in_memory(p));
         let stored = match (&self.disk, on_disk.is_empty()) {
             (_, true) => None,
             (None, false) => return false,
-            (Some(disk), false) => match disk.open_chunk(want.chunk) {
+            (Some(disk), false) => match disk.chunk_for(want.chunk, &on_disk) {
                 Some(s) if on_disk.iter().all(|r| s.present().covers(r.clone())) => Some(s),
                 _ => return false,
             },
@@ -716,10 +740,14 @@ impl Inner {
 
     /// The runs of pages of `want` not in the cache.
     fn missing(&self, want: &Want) -> Vec<Range<u32>> {
-        let stored = self.disk.as_ref().and_then(|d| d.open_chunk(want.chunk));
+        let stored = self
+            .disk
+            .as_ref()
+            .and_then(|d| d.chunk_for(want.chunk, std::slice::from_ref(&want.pages)));
+        let memory_empty = self.memory.is_empty();
         runs(want.pages.clone(), |p| {
             stored.as_ref().is_none_or(|s| !s.present().contains(p))
-                && self.memory.peek(&self.global_page(want.chunk, p)).is_none()
+                && (memory_empty || self.memory.peek(&self.global_page(want.chunk, p)).is_none())
         })
     }
 
@@ -729,14 +757,35 @@ impl Inner {
         &self,
         offset: u64,
         len: usize,
+        out: Option<&mut [u8]>,
+        mode: Mode,
+    ) -> io::Result<()> {
+        // Pages read back from the disk cache pass through this thread's buffer, kept from
+        // one read to the next (a fresh one costs a page fault per 4 KiB). At most one
+        // chunk is kept per thread.
+        thread_local! {
+            static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut scratch = SCRATCH.take();
+        let result = self.obtain_with(offset, len, out, mode, &mut scratch);
+        if scratch.capacity() <= self.config.chunk_size as usize {
+            SCRATCH.set(scratch);
+        }
+        result
+    }
+
+    fn obtain_with(
+        &self,
+        offset: u64,
+        len: usize,
         mut out: Option<&mut [u8]>,
         mode: Mode,
+        scratch: &mut Vec<u8>,
     ) -> io::Result<()> {
         let deadline = Instant::now() + self.config.wait_limit;
         let mut wants = self.wants(offset, len);
-        let mut scratch = Vec::new();
         loop {
-            wants.retain(|w| !self.serve(w, out.as_deref_mut(), offset, &mut scratch));
+            wants.retain(|w| !self.serve(w, out.as_deref_mut(), offset, scratch));
             if wants.is_empty() {
                 return Ok(());
             }
@@ -761,7 +810,7 @@ impl Inner {
                 }
             }
             if !mine.is_empty() {
-                let unserved = self.fetch(mine, out.as_deref_mut(), offset, &mut scratch)?;
+                let unserved = self.fetch(mine, out.as_deref_mut(), offset, scratch)?;
                 wants = unserved.into_iter().chain(local).chain(remote).collect();
                 continue;
             }
@@ -784,7 +833,7 @@ impl Inner {
                             vec![(w, taken, None)],
                             out.as_deref_mut(),
                             offset,
-                            &mut scratch,
+                            scratch,
                         )?;
                         rest.extend(unserved);
                         wants = local.into_iter().chain(rest).collect();
@@ -881,7 +930,31 @@ impl Inner {
                 }
             }
         }
+        for (_, data) in fetched {
+            self.give_back(data);
+        }
         Ok(unserved)
+    }
+
+    /// A request buffer of `len` bytes: a spare one when there is one (zeroed only where it
+    /// grows; the request overwrites it all).
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        let spare = self
+            .spare_buffers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut buf = spare.unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Keep a request buffer for the next request, if fewer than `max_in_flight` are kept.
+    fn give_back(&self, buf: Vec<u8>) {
+        let mut spare = self.spare_buffers.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < self.config.max_in_flight {
+            spare.push(buf);
+        }
     }
 
     /// One range request, bounded by the request slots.
@@ -891,11 +964,12 @@ impl Inner {
             .slots
             .take(deadline)
             .ok_or_else(|| self.timed_out("no request slot came free"))?;
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        let mut buf = self.buffer((range.end - range.start) as usize);
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        self.store
-            .read_range(&self.version, range.start, &mut buf)
-            .map_err(|e| self.error(e))?;
+        if let Err(e) = self.store.read_range(&self.version, range.start, &mut buf) {
+            self.give_back(buf);
+            return Err(self.error(e));
+        }
         self.counters
             .bytes_fetched
             .fetch_add(buf.len() as u64, Ordering::Relaxed);

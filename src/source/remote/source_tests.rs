@@ -303,6 +303,34 @@ fn read_ahead_hints_are_fetched_in_growing_requests() {
     );
 }
 
+/// Blocks of an image do not line up with chunks; read-ahead fetches whole chunks all the
+/// same, so that a chunk file is written once, not once per part (each time with all the
+/// pages it held before).
+#[test]
+fn read_ahead_writes_each_chunk_file_once() {
+    let f = fixture(64);
+    let mut c = config();
+    c.workers = 0;
+    let src = f.open(c);
+    // Blocks of three pages, each hinted as the block after next is read.
+    let block = 3 * P as usize;
+    let mut off = 0;
+    while off < f.data.len() {
+        let hint = (off + block).min(f.data.len())..(off + 3 * block).min(f.data.len());
+        if !hint.is_empty() {
+            src.will_read(hint.start as u64..hint.end as u64);
+        }
+        let n = block.min(f.data.len() - off);
+        assert_eq!(read(&src, off as u64, n).unwrap(), f.data[off..off + n]);
+        off += n;
+    }
+    let files = f.cache.files_written();
+    assert!(
+        files <= 64 + 2,
+        "{files} chunk files written for 64 chunks read in order"
+    );
+}
+
 #[test]
 fn background_workers_read_ahead_and_prefetch_in_large_requests() {
     let f = fixture(64);
