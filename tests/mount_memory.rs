@@ -8,11 +8,11 @@ mod mount_util;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::fixtures::fixtures;
 use mount_util::hammer::{peak_rss, read_tree};
+use mount_util::images::{pack, random_bytes, random_data_image};
 use mount_util::{
     assert_no_differences, compare_views, require_mount, scratch, wait_for, KernelMount,
     SifuseMount,
@@ -24,42 +24,6 @@ fn rss(pid: i32) -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib << 10
-}
-
-/// `len` incompressible bytes, continuing the sequence `state` is at.
-fn random_bytes(state: &mut u64, len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    for chunk in data.chunks_exact_mut(8) {
-        *state ^= *state << 13;
-        *state ^= *state >> 7;
-        *state ^= *state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes());
-    }
-    data
-}
-
-/// The gzip SquashFS image `name` of the tree `src`, beside it.
-fn pack(src: &Path, name: &str) -> std::path::PathBuf {
-    let img = src.parent().unwrap().join(name);
-    let st = Command::new("mksquashfs")
-        .arg(src)
-        .arg(&img)
-        .args(["-noappend", "-quiet", "-no-progress", "-comp", "gzip"])
-        .status()
-        .unwrap();
-    assert!(st.success(), "mksquashfs failed");
-    img
-}
-
-/// An image of 48 MiB of incompressible files, which random reads spread over the cache.
-fn random_data_image(dir: &Path) -> std::path::PathBuf {
-    let src = dir.join("src");
-    fs::create_dir(&src).unwrap();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for f in 0..6 {
-        fs::write(src.join(format!("r{f}.bin")), random_bytes(&mut x, 8 << 20)).unwrap();
-    }
-    pack(&src, "random.sqfs")
 }
 
 /// 4 KiB reads spread over every file: each touches a block no read finishes, so the

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::fixtures::fixtures;
+use mount_util::hammer::peak_rss;
+use mount_util::images::random_data_image;
 use mount_util::{
     assert_no_differences, compare_views, require_mount, scratch, wrap_in_sif, KernelMount,
     SifuseMount, ViewExceptions,
@@ -194,6 +196,60 @@ fn the_cache_survives_damage_and_pruning_while_mounted() {
         "after prune",
         &compare_views(&kernel.mountpoint, &m.mountpoint, ViewExceptions::default()),
     );
+}
+
+/// Eight readers at once over a remote image of incompressible data, with a small
+/// `cache_size`, with the chunk cache on disk and in memory only: the server's peak stays
+/// within cache_size + 96 MiB, request buffers, read-ahead and pages kept in memory
+/// included.
+#[test]
+fn a_remote_mount_stays_within_its_memory_budget() {
+    require_mount();
+    let root = scratch("remote-memory");
+    random_data_image(root.path());
+    let nginx = Nginx::serve(root.path());
+    let url = nginx.url("/random.sqfs");
+    let cache = scratch("remote-cache");
+    let cache_dir = cache.path().to_str().unwrap();
+    for (what, store) in [
+        ("disk cache", ["--cache-dir", cache_dir]),
+        ("memory only", ["-o", "no_disk_cache"]),
+    ] {
+        let mut args = vec!["-o", "cache_size=4"];
+        args.extend(store);
+        let m = SifuseMount::daemon(Path::new(&url), &args);
+        let pid = m.daemon_pid();
+        let readers: Vec<_> = (0..8u64)
+            .map(|r| {
+                let file = m.mountpoint.join(format!("r{}.bin", r % 6));
+                std::thread::spawn(move || {
+                    if r < 6 {
+                        // Whole files in order: read-ahead at full stretch.
+                        fs::read(&file).unwrap();
+                    } else {
+                        // 64 KiB here and there.
+                        use std::os::unix::fs::FileExt;
+                        let f = fs::File::open(&file).unwrap();
+                        let mut buf = vec![0u8; 64 << 10];
+                        for i in 0..128u64 {
+                            let at = ((i * 37 + r) % 128) * (64 << 10);
+                            f.read_exact_at(&mut buf, at).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for r in readers {
+            r.join().unwrap();
+        }
+        let peak = peak_rss(pid).unwrap();
+        eprintln!("{what}: peak RSS {} MiB", peak >> 20);
+        assert!(
+            peak <= (4 + 96) << 20,
+            "{what}: cache_size=4 MiB, yet a peak of {} MiB",
+            peak >> 20
+        );
+    }
 }
 
 #[test]

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod hammer;
+pub mod images;
 
 use std::ffi::CString;
 use std::fs;

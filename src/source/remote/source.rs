@@ -5,10 +5,12 @@
 //! - **Fetch what is read.** The unit of fetching is the 4 KiB page, not the chunk: a read
 //!   of a few KiB fetches the pages it covers. The pages a read misses in neighbouring
 //!   chunks are fetched in one range request (up to [`RemoteConfig::max_request_bytes`]).
-//! - **Bounded.** At most [`RemoteConfig::max_in_flight`] requests at once. Memory holds
-//!   one request buffer per request in flight, and, without a disk cache, at most
-//!   [`RemoteConfig::memory_bytes`] of pages: 32 MiB with the defaults. With a disk cache,
-//!   pages read back come through the kernel's page cache and are not kept.
+//! - **Bounded.** At most [`RemoteConfig::max_in_flight`] fetches at once, each holding
+//!   the buffers of its requests (a request's worth, and a page either side) until it
+//!   has put them in the cache. Memory holds those, two spare buffers, and, without a disk
+//!   cache, at most [`RemoteConfig::memory_bytes`] of pages: [`RemoteConfig::memory_bound`],
+//!   40 MiB with the defaults. With a disk cache, pages read back come through the
+//!   kernel's page cache and are not kept.
 //! - **One fetcher per chunk.** Threads of one process take turns per chunk; processes
 //!   claim a chunk in the disk cache (see [`super::chunks`]). A reader that finds its chunk
 //!   taken waits, at most [`RemoteConfig::wait_limit`], then reads what arrived.
@@ -47,6 +49,8 @@ use super::{ObjectStore, ObjectVersion, RemoteError};
 use crate::source::ReadAt;
 
 const PAGE: u64 = PAGE_SIZE as u64;
+/// Request buffers kept for the next requests.
+const SPARE_BUFFERS: usize = 2;
 
 /// How a remote object is read.
 #[derive(Debug, Clone)]
@@ -87,9 +91,9 @@ impl Default for RemoteConfig {
 
 impl RemoteConfig {
     /// The most memory the source holds, whatever it reads: pages kept in memory (without
-    /// a disk cache) plus request buffers in flight.
+    /// a disk cache), the buffers of the fetches in flight and the spare buffers.
     pub fn memory_bound(&self) -> u64 {
-        self.memory_bytes + self.max_in_flight as u64 * self.max_request_bytes
+        self.memory_bytes + (self.max_in_flight + SPARE_BUFFERS) as u64 * self.max_request_bytes
     }
 }
 
@@ -309,7 +313,7 @@ struct Inner {
     streams: Mutex<Streams>,
     counters: Counters,
     /// Request buffers given back, for the next requests: a fresh buffer of a few MiB
-    /// costs a page fault per 4 KiB when first written. At most `max_in_flight` kept.
+    /// costs a page fault per 4 KiB when first written. At most [`SPARE_BUFFERS`] kept.
     spare_buffers: Mutex<Vec<Vec<u8>>>,
 }
 
@@ -885,6 +889,12 @@ impl Inner {
                 }
             }
         }
+        // One slot for the whole fetch: its buffers are held until they are in the cache.
+        let deadline = Instant::now() + self.config.wait_limit;
+        let _slot = self
+            .slots
+            .take(deadline)
+            .ok_or_else(|| self.timed_out("no request slot came free"))?;
         let mut fetched = Vec::with_capacity(requests.len());
         for r in requests {
             let data = self.request(r.clone())?;
@@ -949,21 +959,20 @@ impl Inner {
         buf
     }
 
-    /// Keep a request buffer for the next request, if fewer than `max_in_flight` are kept.
+    /// Keep a request buffer for the next request, if fewer than [`SPARE_BUFFERS`] are
+    /// kept (and it is no larger than a request).
     fn give_back(&self, buf: Vec<u8>) {
+        if buf.capacity() as u64 > self.config.max_request_bytes {
+            return;
+        }
         let mut spare = self.spare_buffers.lock().unwrap_or_else(|p| p.into_inner());
-        if spare.len() < self.config.max_in_flight {
+        if spare.len() < SPARE_BUFFERS {
             spare.push(buf);
         }
     }
 
-    /// One range request, bounded by the request slots.
+    /// One range request (the caller holds a request slot).
     fn request(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
-        let deadline = Instant::now() + self.config.wait_limit;
-        let _slot = self
-            .slots
-            .take(deadline)
-            .ok_or_else(|| self.timed_out("no request slot came free"))?;
         let mut buf = self.buffer((range.end - range.start) as usize);
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.store.read_range(&self.version, range.start, &mut buf) {
@@ -986,8 +995,9 @@ impl ReadAt for RemoteSource {
             return Ok(());
         }
         let ahead = self.stream_ahead(offset..end);
-        // In windows of a few requests, so that a huge read holds few chunks at once.
-        let step = 4 * inner.config.max_request_bytes as usize;
+        // In windows of one request, so that a huge read holds few chunks and one
+        // request's buffer at once.
+        let step = inner.config.max_request_bytes as usize;
         for (k, part) in buf.chunks_mut(step).enumerate() {
             let at = offset + (k * step) as u64;
             let len = part.len();
