@@ -40,22 +40,8 @@ out=${out:-$PWD/target/package}
 # command -> Debian package
 declare -A need=([dpkg-deb]=dpkg [objcopy]=binutils [gzip]=gzip)
 [ "$rpm" = yes ] && need[rpmbuild]=rpm
-missing=()
-for cmd in "${!need[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
-  if [ "$(id -u)" = 0 ]; then
-    echo "package.sh: installing $pkgs" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null
-    apt-get install -y -qq $pkgs >/dev/null
-  else
-    echo "package.sh: missing packages: $pkgs (run as root, or: sudo apt-get install $pkgs)" >&2
-    exit 1
-  fi
-fi
+source scripts/need.sh
+install_missing package.sh need
 
 if [ -z "$binary" ]; then
   cargo build --release --locked --bin sifuse >&2

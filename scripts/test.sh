@@ -37,26 +37,8 @@ declare -A need=(
   [readelf]=binutils
   [dpkg-deb]=dpkg
 )
-missing=()
-for cmd in "${!need[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
-  if [ "$(id -u)" = 0 ]; then
-    echo "test.sh: installing $pkgs" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null
-    # Debian 13 folded nginx-light into nginx.
-    if [[ " $pkgs " == *" nginx-light "* ]] && ! apt-cache show nginx-light >/dev/null 2>&1; then
-      pkgs=${pkgs/nginx-light/nginx}
-    fi
-    apt-get install -y -qq $pkgs >/dev/null
-  else
-    echo "test.sh: missing packages: $pkgs (run as root, or: sudo apt-get install $pkgs)" >&2
-    exit 1
-  fi
-fi
+source scripts/need.sh
+install_missing test.sh need
 
 # The S3 server of the remote-image tests: moto from PyPI, in python3 if it can take it, else
 # in a venv of ours (a Debian python3 refuses pip installs), which the tests then use.
