@@ -1,10 +1,12 @@
+# shellcheck shell=bash
 # Sourced by the scripts that need system packages (test.sh, package.sh).
 #
 #   declare -A need=([command]=debian-package ...)
 #   install_missing WHO need
 #
 # Installs the packages of the commands that are missing (as root), or says which to
-# install and fails (otherwise). WHO names the script in the messages.
+# install and fails (otherwise). WHO names the script in the messages; the array may
+# have any name but `wanted`, the name this function gives it.
 install_missing() {
   local who=$1
   local -n wanted=$2

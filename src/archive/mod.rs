@@ -157,10 +157,11 @@ impl Archive {
         self.cache.budget()
     }
 
-    /// Drop everything the archive caches (an idle server gives its memory back; the next
-    /// request reads what it needs again).
+    /// Drop everything the archive caches, and what its source holds for speed (an idle
+    /// server gives its memory back; the next request reads what it needs again).
     pub fn drop_caches(&self) {
         self.cache.clear();
+        self.source.let_go();
     }
 
     /// Whether the image has an xattr table at all (the kernel answers listxattr on some

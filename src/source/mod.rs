@@ -30,6 +30,9 @@ pub trait ReadAt: Send + Sync {
     /// file read in order. A source that fetches from afar may start fetching them; others
     /// ignore it.
     fn will_read(&self, _range: std::ops::Range<u64>) {}
+    /// Let go of what is held for speed alone (files kept open, spare buffers): the server
+    /// has been idle a while. The next reads take what they need again.
+    fn let_go(&self) {}
 }
 
 /// The end of a read of `len` bytes at `offset` from `what` of `size` bytes, or the
@@ -117,6 +120,9 @@ impl<S: ReadAt + ?Sized> ReadAt for CountingSource<S> {
     fn will_read(&self, range: std::ops::Range<u64>) {
         self.inner.will_read(range)
     }
+    fn let_go(&self) {
+        self.inner.let_go()
+    }
 }
 
 impl<S: ReadAt + ?Sized> ReadAt for Arc<S> {
@@ -128,6 +134,9 @@ impl<S: ReadAt + ?Sized> ReadAt for Arc<S> {
     }
     fn will_read(&self, range: std::ops::Range<u64>) {
         (**self).will_read(range)
+    }
+    fn let_go(&self) {
+        (**self).let_go()
     }
 }
 

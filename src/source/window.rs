@@ -63,6 +63,10 @@ impl ReadAt for Window {
     fn len(&self) -> u64 {
         self.len
     }
+
+    fn let_go(&self) {
+        self.inner.let_go()
+    }
 }
 
 #[cfg(test)]

@@ -29,10 +29,11 @@
 //!   then looks again and fetches only what is still missing. If the holder dies, the
 //!   kernel drops its lock.
 //! - **Kept open for reading.** A process keeps the last few chunk files it read open
-//!   ([`ObjectChunks::chunk_for`]): pages are only ever added to a chunk, so a file kept
-//!   open serves the pages it holds (each still verified when read) and is opened again
-//!   only when a read wants pages it lacks. A kept file another process has removed stays
-//!   readable until it is let go.
+//!   ([`ObjectChunks::chunk_for`]). A chunk file is never written once renamed into place
+//!   (new pages go to a new file, renamed over it), so a file kept open still holds what it
+//!   held, each page verified when read; it is opened again when a read wants pages it
+//!   lacks, or once it has been removed (evicted, pruned or found damaged) so that its
+//!   space is not held. An idle server lets go of them all ([`ObjectChunks::let_go_kept`]).
 //! - **Bounded.** Files are touched (mtime) when used, at most once a minute each; an
 //!   eviction pass removes the least recently used chunks until the cache holds at most
 //!   15/16 of its budget (counting the blocks files occupy). Each process runs a pass when
@@ -958,16 +959,19 @@ impl ObjectChunks {
     }
 
     /// Chunk `index` for reading pages `runs`: the file kept open when it holds them all
-    /// (pages are only ever added to a chunk, and a file removed since stays readable), else
-    /// the file opened again and kept. `None` when there is no file or it is damaged; the
+    /// and is still in the cache (a renamed chunk file is never written again), else the
+    /// file opened again and kept. `None` when there is no file or it is damaged; the
     /// caller checks which pages the chunk returned holds.
     pub fn chunk_for(&self, index: u64, runs: &[Range<u32>]) -> Option<Arc<StoredChunk>> {
         {
             let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(at) = kept.iter().position(|k| k.index == index) {
-                if runs
-                    .iter()
-                    .all(|r| kept[at].chunk.present.covers(r.clone()))
+                // A file removed since (evicted, pruned) would keep its blocks taken.
+                let linked = fstat(kept[at].chunk.file.as_fd()).is_ok_and(|st| st.st_nlink > 0);
+                if linked
+                    && runs
+                        .iter()
+                        .all(|r| kept[at].chunk.present.covers(r.clone()))
                 {
                     let mut k = kept.remove(at);
                     if k.touched.elapsed() >= TOUCH_EVERY {
@@ -983,6 +987,11 @@ impl ObjectChunks {
         let chunk = Arc::new(self.open_chunk(index)?);
         self.keep(index, Some(chunk.clone()));
         Some(chunk)
+    }
+
+    /// Close every chunk file kept open (the server is idle).
+    pub fn let_go_kept(&self) {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Keep `chunk` open as chunk `index` (`None`: keep nothing for it).
@@ -1217,7 +1226,7 @@ impl<'a> Claim<'a> {
             }
             // What the chunk holds already and is not being replaced, verified, one read
             // per run of pages (a damaged one is started afresh: none of it is kept).
-            let mut kept: Vec<(u32, Vec<u8>)> = Vec::new();
+            let mut old_runs: Vec<(u32, Vec<u8>)> = Vec::new();
             if let Some(old) = chunks.open_chunk(index) {
                 let keep = runs(0..pages as u32, |q| {
                     old.present.contains(q) && !new.contains(q)
@@ -1225,10 +1234,10 @@ impl<'a> Claim<'a> {
                 for run in keep {
                     let mut buf = Vec::new();
                     if old.read_pages(run.clone(), &mut buf).is_err() {
-                        kept.clear();
+                        old_runs.clear();
                         break;
                     }
-                    kept.push((run.start, buf));
+                    old_runs.push((run.start, buf));
                 }
             }
             file.set_len(0)?;
@@ -1237,8 +1246,10 @@ impl<'a> Claim<'a> {
             let mut present = PageSet::default();
             let mut sums = vec![0u64; pages];
             let mut written = HEADER_LEN as u64;
-            let kept_pieces = kept.iter().map(|(first, data)| (*first, data.as_slice()));
-            for (first, data) in kept_pieces.chain(pieces.iter().copied()) {
+            let old_pieces = old_runs
+                .iter()
+                .map(|(first, data)| (*first, data.as_slice()));
+            for (first, data) in old_pieces.chain(pieces.iter().copied()) {
                 for (k, page) in data.chunks(p).enumerate() {
                     let n = first as usize + k;
                     sums[n] = xxh3_64(page);

@@ -49,6 +49,11 @@ fn read(chunks: &ObjectChunks, index: u64) -> Option<Vec<u8>> {
 }
 
 impl ObjectChunks {
+    /// How many chunk files are kept open.
+    pub(crate) fn kept_open(&self) -> usize {
+        self.kept.lock().unwrap().len()
+    }
+
     /// True when every page of chunk `index` is in the cache.
     pub(crate) fn contains(&self, index: u64) -> bool {
         self.open_chunk(index)
@@ -201,10 +206,11 @@ fn reading(chunks: &ObjectChunks, index: u64, pages: Range<u32>) -> Arc<StoredCh
         .expect("the chunk is in the cache")
 }
 
-/// A chunk read again is read from its file kept open, until another writer has added
-/// pages the kept file lacks; pages read from a kept file are still verified every time.
+/// A chunk read again is read from its file kept open, until that file is replaced (a
+/// writer added pages) or removed; pages read from a kept file are still verified every
+/// time.
 #[test]
-fn chunk_files_are_kept_open_for_reading_until_they_lack_pages() {
+fn chunk_files_are_kept_open_for_reading_until_replaced_or_removed() {
     use std::os::unix::fs::FileExt;
     let (_d, cache, chunks) = setup(3 * CS as u64);
     let p = PAGE_SIZE as usize;
@@ -221,10 +227,11 @@ fn chunk_files_are_kept_open_for_reading_until_they_lack_pages() {
         panic!()
     };
     assert!(c.commit(&[(2, &all[2 * p..])]));
-    // Pages the kept file holds still come from it; the others make it open the new file.
-    assert!(Arc::ptr_eq(&first, &reading(&chunks, 1, 1..2)));
-    let second = reading(&chunks, 1, 0..4);
+    // Its new file took the old one's place: the file kept is let go, and the new one
+    // read, and kept in turn.
+    let second = reading(&chunks, 1, 1..2);
     assert!(!Arc::ptr_eq(&first, &second));
+    assert!(Arc::ptr_eq(&second, &reading(&chunks, 1, 0..4)));
     let mut out = Vec::new();
     second.read_pages(0..4, &mut out).unwrap();
     assert_eq!(out, all);
@@ -239,6 +246,9 @@ fn chunk_files_are_kept_open_for_reading_until_they_lack_pages() {
     assert!(Arc::ptr_eq(&second, &kept));
     assert!(kept.read_pages(3..4, &mut out).is_err());
     assert!(kept.read_pages(0..3, &mut out).is_ok());
+    // A file removed (evicted, pruned) is let go, not read through the descriptor kept.
+    std::fs::remove_file(chunk_path(&cache, &chunks, 1)).unwrap();
+    assert!(chunks.chunk_for(1, std::slice::from_ref(&(0..1))).is_none());
 }
 
 #[test]
@@ -252,6 +262,10 @@ fn at_most_a_few_chunk_files_are_kept_open() {
     assert_eq!(kept.len(), KEPT_OPEN);
     // The most recently used.
     assert!(kept.iter().all(|k| k.index >= 40 - KEPT_OPEN as u64));
+    drop(kept);
+    // An idle server lets go of them all.
+    chunks.let_go_kept();
+    assert!(chunks.kept.lock().unwrap().is_empty());
 }
 
 #[test]

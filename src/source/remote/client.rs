@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use ureq::config::Config;
@@ -28,6 +28,8 @@ const MAX_REDIRECTS: usize = 5;
 pub(crate) struct HttpClient {
     agent: ureq::Agent,
     allow_http: bool,
+    /// The addresses the agent's resolver keeps, forgotten when a request fails.
+    addresses: Arc<KeptAddresses>,
 }
 
 /// A response whose body has not been read yet.
@@ -292,13 +294,44 @@ const HOSTS_KEPT: usize = 64;
 /// to bound the look-up by the request's timeout it does so on a new thread: a thread
 /// started per range request (hundreds a second in a sequential read). The look-up itself
 /// is still the default one, bounded by the same timeout, when a host is new or its
-/// addresses are older than [`ADDRESSES_KEPT_FOR`].
-#[derive(Debug, Default)]
+/// addresses are older than [`ADDRESSES_KEPT_FOR`], and after any request failed to
+/// reach its server (the host may have moved: each retry looks it up again).
+#[derive(Debug)]
 struct KeptAddresses {
     kept: Mutex<HashMap<String, (Instant, ResolvedSocketAddrs)>>,
+    keep_for: Duration,
 }
 
-impl Resolver for KeptAddresses {
+impl Default for KeptAddresses {
+    fn default() -> Self {
+        KeptAddresses {
+            kept: Mutex::new(HashMap::new()),
+            keep_for: ADDRESSES_KEPT_FOR,
+        }
+    }
+}
+
+/// The resolver an agent holds: its client's [`KeptAddresses`].
+#[derive(Debug)]
+struct SharedAddresses(Arc<KeptAddresses>);
+
+impl Resolver for SharedAddresses {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        self.0.resolve(uri, config, timeout)
+    }
+}
+
+impl KeptAddresses {
+    /// Look every host up again from now on.
+    fn forget_all(&self) {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     fn resolve(
         &self,
         uri: &Uri,
@@ -316,14 +349,14 @@ impl Resolver for KeptAddresses {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
         {
-            if now.duration_since(*at) < ADDRESSES_KEPT_FOR {
+            if now.duration_since(*at) < self.keep_for {
                 return Ok(addresses.clone());
             }
         }
         let addresses = DefaultResolver::default().resolve(uri, config, timeout)?;
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         if kept.len() >= HOSTS_KEPT {
-            kept.retain(|_, (at, _)| now.duration_since(*at) < ADDRESSES_KEPT_FOR);
+            kept.retain(|_, (at, _)| now.duration_since(*at) < self.keep_for);
             if kept.len() >= HOSTS_KEPT {
                 kept.clear();
             }
@@ -351,12 +384,14 @@ impl HttpClient {
             .max_idle_connections(config.max_connections.max(1) * 2)
             .max_idle_connections_per_host(config.max_connections.max(1))
             .build();
+        let addresses = Arc::new(KeptAddresses::default());
         let agent = ureq::Agent::with_parts(
             agent_config,
             DefaultConnector::new(),
-            KeptAddresses::default(),
+            SharedAddresses(addresses.clone()),
         );
         Ok(HttpClient {
+            addresses,
             agent,
             allow_http: config.allow_http,
         })
@@ -376,10 +411,10 @@ impl HttpClient {
         let request = builder
             .body(())
             .map_err(|e| Failure::refused(format!("cannot make a request to {url}: {e}")))?;
-        let response = self
-            .agent
-            .run(request)
-            .map_err(|e| transport_failure(&format!("{method} {url}"), e))?;
+        let response = self.agent.run(request).map_err(|e| {
+            self.addresses.forget_all();
+            transport_failure(&format!("{method} {url}"), e)
+        })?;
         Ok(Answer {
             status: response.status().as_u16(),
             response,
@@ -467,8 +502,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_addresses_are_looked_up_once_a_minute() {
-        let resolver = KeptAddresses::default();
+    fn host_addresses_are_looked_up_once_a_minute_and_after_a_failure() {
         let uri: Uri = "http://localhost:8080/image.sif".parse().unwrap();
         let config = Config::default();
         let timeout = || NextTimeout {
@@ -477,33 +511,41 @@ mod tests {
             per_read: None,
             per_write: None,
         };
-        let kept = |at: Instant, addresses: &ResolvedSocketAddrs| {
-            resolver
-                .kept
-                .lock()
-                .unwrap()
-                .insert("http://localhost:8080".into(), (at, addresses.clone()));
+        let mut planted = SharedAddresses(Arc::default()).empty();
+        planted.push("192.0.2.7:8080".parse().unwrap());
+        let plant = |resolver: &KeptAddresses| {
+            resolver.kept.lock().unwrap().insert(
+                "http://localhost:8080".into(),
+                (Instant::now(), planted.clone()),
+            );
+        };
+        let looked_up = |addresses: &ResolvedSocketAddrs| {
+            !addresses.is_empty()
+                && addresses
+                    .iter()
+                    .all(|a| a.ip().is_loopback() && a.port() == 8080)
         };
         // Addresses kept less than a minute are used as they are: no look-up.
-        let mut planted = resolver.empty();
-        planted.push("192.0.2.7:8080".parse().unwrap());
-        kept(Instant::now(), &planted);
+        let resolver = KeptAddresses::default();
+        plant(&resolver);
         let got = resolver.resolve(&uri, &config, timeout()).unwrap();
         assert_eq!(&got[..], &planted[..]);
-        // A minute later the host is looked up again, and the answer kept.
-        kept(Instant::now() - ADDRESSES_KEPT_FOR, &planted);
+        // After a failed request the host is looked up again, and the answer kept.
+        resolver.forget_all();
         let fresh = resolver.resolve(&uri, &config, timeout()).unwrap();
-        assert!(!fresh.is_empty());
-        assert!(
-            fresh
-                .iter()
-                .all(|a| a.ip().is_loopback() && a.port() == 8080),
-            "{fresh:?}"
-        );
-        let now_kept = resolver.kept.lock().unwrap()["http://localhost:8080"]
+        assert!(looked_up(&fresh), "{fresh:?}");
+        let kept = resolver.kept.lock().unwrap()["http://localhost:8080"]
             .1
             .clone();
-        assert_eq!(&now_kept[..], &fresh[..]);
+        assert_eq!(&kept[..], &fresh[..]);
+        // Once kept for as long as they may be, the host is looked up again.
+        let expiring = KeptAddresses {
+            keep_for: Duration::ZERO,
+            ..KeptAddresses::default()
+        };
+        plant(&expiring);
+        let fresh = expiring.resolve(&uri, &config, timeout()).unwrap();
+        assert!(looked_up(&fresh), "{fresh:?}");
     }
 
     #[test]

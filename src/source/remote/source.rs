@@ -10,7 +10,9 @@
 //!   has put them in the cache. Memory holds those, two spare buffers, and, without a disk
 //!   cache, at most [`RemoteConfig::memory_bytes`] of pages: [`RemoteConfig::memory_bound`],
 //!   40 MiB with the defaults. With a disk cache, pages read back come through the
-//!   kernel's page cache and are not kept.
+//!   kernel's page cache and are not kept (each serving thread keeps a buffer of at most
+//!   256 KiB to read them into). An idle server lets go of the spare buffers and of the
+//!   chunk files kept open ([`ReadAt::let_go`]).
 //! - **One fetcher per chunk.** Threads of one process take turns per chunk; processes
 //!   claim a chunk in the disk cache (see [`super::chunks`]). A reader that finds its chunk
 //!   taken waits, at most [`RemoteConfig::wait_limit`], then reads what arrived.
@@ -51,6 +53,8 @@ use crate::source::ReadAt;
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Request buffers kept for the next requests.
 const SPARE_BUFFERS: usize = 2;
+/// The largest read-back buffer a thread keeps for its next read.
+const SCRATCH_KEPT: usize = 256 << 10;
 
 /// How a remote object is read.
 #[derive(Debug, Clone)]
@@ -765,14 +769,14 @@ impl Inner {
         mode: Mode,
     ) -> io::Result<()> {
         // Pages read back from the disk cache pass through this thread's buffer, kept from
-        // one read to the next (a fresh one costs a page fault per 4 KiB). At most one
-        // chunk is kept per thread.
+        // one read to the next (a fresh one costs a page fault per 4 KiB) when it is no
+        // larger than SCRATCH_KEPT: a block's worth on most images.
         thread_local! {
             static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
         }
         let mut scratch = SCRATCH.take();
         let result = self.obtain_with(offset, len, out, mode, &mut scratch);
-        if scratch.capacity() <= self.config.chunk_size as usize {
+        if scratch.capacity() <= SCRATCH_KEPT {
             SCRATCH.set(scratch);
         }
         result
@@ -889,6 +893,10 @@ impl Inner {
                 }
             }
         }
+        if requests.is_empty() {
+            // Others filled every page meanwhile: nothing to wait for a slot for.
+            return Ok(unserved);
+        }
         // One slot for the whole fetch: its buffers are held until they are in the cache.
         let deadline = Instant::now() + self.config.wait_limit;
         let _slot = self
@@ -955,6 +963,8 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .pop();
         let mut buf = spare.unwrap_or_default();
+        // Exactly: a buffer grown by doubling could outgrow a request and not come back.
+        buf.reserve_exact(len.saturating_sub(buf.len()));
         buf.resize(len, 0);
         buf
     }
@@ -1014,6 +1024,18 @@ impl ReadAt for RemoteSource {
 
     fn len(&self) -> u64 {
         self.inner.meta.len
+    }
+
+    fn let_go(&self) {
+        let inner = &*self.inner;
+        inner
+            .spare_buffers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        if let Some(disk) = &inner.disk {
+            disk.let_go_kept();
+        }
     }
 
     /// Fetch what the archive's read-ahead will read, by the background workers, in large

@@ -600,3 +600,29 @@ fn a_full_disk_still_serves_every_read() {
     read(&src, tail, 5000).unwrap();
     assert_eq!(object.bytes_served(), before);
 }
+
+/// An idle server lets go of what the source holds for speed: the chunk files kept open
+/// and the spare request buffers. What it reads next is still right.
+#[test]
+fn letting_go_closes_the_kept_chunk_files_and_frees_the_spare_buffers() {
+    let f = fixture(8);
+    let mut c = config();
+    c.workers = 0;
+    let src = f.open(c);
+    assert_eq!(
+        read(&src, 0, 3 * CS as usize).unwrap(),
+        f.data[..3 * CS as usize]
+    );
+    // Read again, from the disk cache: the chunk files are kept open.
+    assert_eq!(read(&src, 0, CS as usize).unwrap(), f.data[..CS as usize]);
+    let disk = src.inner.disk.as_ref().unwrap();
+    assert!(disk.kept_open() > 0);
+    assert!(!src.inner.spare_buffers.lock().unwrap().is_empty());
+    src.let_go();
+    assert_eq!(disk.kept_open(), 0);
+    assert!(src.inner.spare_buffers.lock().unwrap().is_empty());
+    assert_eq!(
+        read(&src, 10, 2 * CS as usize).unwrap(),
+        f.data[10..10 + 2 * CS as usize]
+    );
+}
