@@ -271,7 +271,9 @@ fn sigkill_of_sifuse_run_at_ten_moments_on_the_fallback_unprivileged() {
 
 /// Inside the container every mount of the /sys tree (the cgroup hierarchies under
 /// /sys/fs/cgroup included, which used to stay writable) and every mount below /proc is
-/// read-only, as mountinfo read there shows.
+/// read-only, as mountinfo read there shows; the kernel's knobs (/proc/sys,
+/// /proc/sysrq-trigger, ...) are such mounts (the container's root is the host's without
+/// a user namespace).
 fn sys_and_below_are_read_only(as_nobody: bool) {
     let s = Scratch::new("run-sys-ro", owner(as_nobody));
     let out = run(&s, as_nobody, &[], &["/bin/cat", "/proc/self/mountinfo"]);
@@ -291,6 +293,16 @@ fn sys_and_below_are_read_only(as_nobody: bool) {
         }
     }
     assert!(seen > 0, "no /sys in the container: {info}");
+    // Those of the host's kernel knobs there are (no /proc/sysrq-trigger without
+    // CONFIG_MAGIC_SYSRQ); /proc/sys always.
+    let knobs = ["sys", "sysrq-trigger", "irq", "bus", "fs"].map(|k| format!("/proc/{k}"));
+    assert!(Path::new("/proc/sys").is_dir());
+    for knob in knobs.iter().filter(|k| Path::new(k).exists()) {
+        assert!(
+            info.lines().any(|l| l.split(' ').nth(4) == Some(knob)),
+            "{knob} is not a read-only mount of its own in the container: {info}"
+        );
+    }
     s.assert_nothing_left();
 }
 

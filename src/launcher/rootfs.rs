@@ -8,7 +8,10 @@
 //! Every mount of the /sys tree is made read-only, and every mount below /proc (/proc
 //! itself stays writable: a process writes its own files there): with mount_setattr and
 //! AT_RECURSIVE where the kernel has it (5.12), which covers a whole tree at once, else by
-//! remounting each mount mountinfo shows there.
+//! remounting each mount mountinfo shows there. The kernel's own knobs under /proc
+//! ([`PROC_KNOBS`]: /proc/sys, /proc/sysrq-trigger, ...) are first bound onto themselves,
+//! so that they too are mounts below /proc and read-only: without a user namespace the
+//! container runs as the host's root, whom a writable /proc/sys would let retune the host.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -34,6 +37,10 @@ pub enum Step {
     Tmpfs(PathBuf),
 }
 
+/// The entries of /proc that tune the whole kernel rather than describe a process, made
+/// read-only in the container (the set container runtimes make read-only).
+pub const PROC_KNOBS: [&str; 5] = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
+
 /// Where `inside` (absolute, in the container) lies under `root`. A symlink in the image
 /// may lead the mount elsewhere; it then lands in the old root, which is detached after
 /// pivot_root, so it can reach nothing of the host's (every mount here is private).
@@ -43,7 +50,8 @@ fn under(root: &Path, inside: &Path) -> PathBuf {
 
 /// The mounts that make `root` a container root. `is_dir(path)` says whether a standard
 /// mount point exists in the image (it is read-only: nothing can be created); a missing
-/// one is skipped with a warning. Binds must find their destination.
+/// one is skipped with a warning. Binds must find their destination. `exists(path)` also
+/// says which of the host's [`PROC_KNOBS`] there are.
 pub fn plan(
     root: &Path,
     binds: &[Bind],
@@ -69,7 +77,19 @@ pub fn plan(
             target: target.clone(),
         };
         match name {
-            "proc" => steps.extend([bind, Step::ReadOnlyBelow(target)]),
+            "proc" => {
+                steps.push(bind);
+                for knob in PROC_KNOBS {
+                    if exists(&Path::new("/proc").join(knob)) {
+                        let at = target.join(knob);
+                        steps.push(Step::Bind {
+                            source: at.clone(),
+                            target: at,
+                        });
+                    }
+                }
+                steps.push(Step::ReadOnlyBelow(target));
+            }
             "sys" => steps.extend([bind, Step::ReadOnlyTree(target)]),
             "dev" => steps.push(bind),
             _ => steps.push(Step::Tmpfs(target)),
@@ -311,7 +331,9 @@ mod tests {
         let root = Path::new("/t/r");
         let binds = ["/data:/opt".parse::<Bind>().unwrap()];
         let steps = plan(root, &binds, &|p| p != Path::new("/t/r/sys"), &|p| {
-            p == Path::new("/t/r/opt")
+            ["/t/r/opt", "/proc/sys", "/proc/sysrq-trigger"]
+                .iter()
+                .any(|q| p == Path::new(q))
         })
         .unwrap();
         let bind = |s: &str, t: &str| Step::Bind {
@@ -324,6 +346,9 @@ mod tests {
                 bind("/t/r", "/t/r"),
                 Step::ReadOnly("/t/r".into()),
                 bind("/proc", "/t/r/proc"),
+                // The host's kernel knobs that exist, each a mount of its own.
+                bind("/t/r/proc/sys", "/t/r/proc/sys"),
+                bind("/t/r/proc/sysrq-trigger", "/t/r/proc/sysrq-trigger"),
                 Step::ReadOnlyBelow("/t/r/proc".into()),
                 bind("/dev", "/t/r/dev"),
                 Step::Tmpfs("/t/r/tmp".into()),
