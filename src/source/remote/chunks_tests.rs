@@ -31,6 +31,15 @@ fn put(chunks: &ObjectChunks, index: u64) {
     }
 }
 
+/// Add `data` to chunk `index` from page `first` on, through a claim, as a fetcher does;
+/// true when the pages are in the cache.
+fn add_pages(chunks: &ObjectChunks, index: u64, first: u32, data: &[u8]) -> bool {
+    match chunks.claim(index) {
+        ClaimResult::Mine(c) => c.commit(&[(first, data)]),
+        other => panic!("chunk {index}: expected to claim it, got {other:?}"),
+    }
+}
+
 /// All of chunk `index`, verified, as a reader gets it; a damaged file is dropped.
 fn read(chunks: &ObjectChunks, index: u64) -> Option<Vec<u8>> {
     let stored = chunks.open_chunk(index)?;
@@ -166,14 +175,8 @@ fn pages_are_added_to_a_chunk_and_the_ones_held_kept() {
     let p = PAGE_SIZE as usize;
     let all = payload(1, CS as usize);
     // Page 2, then pages 0..1: the file keeps both, and never held page 3.
-    let ClaimResult::Mine(c) = chunks.claim(1) else {
-        panic!()
-    };
-    assert!(c.commit(&[(2, &all[2 * p..3 * p])]));
-    let ClaimResult::Mine(c) = chunks.claim(1) else {
-        panic!()
-    };
-    assert!(c.commit(&[(0, &all[..p])]));
+    assert!(add_pages(&chunks, 1, 2, &all[2 * p..3 * p]));
+    assert!(add_pages(&chunks, 1, 0, &all[..p]));
     let stored = chunks.open_chunk(1).unwrap();
     assert!(stored.present().covers(0..1) && stored.present().covers(2..3));
     assert!(!stored.present().contains(1) && !stored.present().contains(3));
@@ -192,10 +195,7 @@ fn pages_are_added_to_a_chunk_and_the_ones_held_kept() {
         st.blocks()
     );
     // Pages that would pass the chunk's end are refused, and nothing is written.
-    let ClaimResult::Mine(c) = chunks.claim(1) else {
-        panic!()
-    };
-    assert!(!c.commit(&[(3, &all[..2 * p])]));
+    assert!(!add_pages(&chunks, 1, 3, &all[..2 * p]));
     assert!(!chunks.open_chunk(1).unwrap().present().contains(3));
 }
 
@@ -215,18 +215,12 @@ fn chunk_files_are_kept_open_for_reading_until_replaced_or_removed() {
     let (_d, cache, chunks) = setup(3 * CS as u64);
     let p = PAGE_SIZE as usize;
     let all = payload(1, CS as usize);
-    let ClaimResult::Mine(c) = chunks.claim(1) else {
-        panic!()
-    };
-    assert!(c.commit(&[(0, &all[..2 * p])]));
+    assert!(add_pages(&chunks, 1, 0, &all[..2 * p]));
     let first = reading(&chunks, 1, 0..2);
     assert!(Arc::ptr_eq(&first, &reading(&chunks, 1, 0..1)));
     // Another process adds pages 2..4.
     let other = cache.object(meta("\"v1\"", 3 * CS as u64)).unwrap();
-    let ClaimResult::Mine(c) = other.claim(1) else {
-        panic!()
-    };
-    assert!(c.commit(&[(2, &all[2 * p..])]));
+    assert!(add_pages(&other, 1, 2, &all[2 * p..]));
     // Its new file took the old one's place: the file kept is let go, and the new one
     // read, and kept in turn.
     let second = reading(&chunks, 1, 1..2);

@@ -29,7 +29,7 @@ pub(crate) struct HttpClient {
     agent: ureq::Agent,
     allow_http: bool,
     /// The addresses the agent's resolver keeps, forgotten when a request fails.
-    addresses: Arc<KeptAddresses>,
+    addresses: KeptAddresses,
 }
 
 /// A response whose body has not been read yet.
@@ -296,33 +296,20 @@ const HOSTS_KEPT: usize = 64;
 /// is still the default one, bounded by the same timeout, when a host is new or its
 /// addresses are older than [`ADDRESSES_KEPT_FOR`], and after any request failed to
 /// reach its server (the host may have moved: each retry looks it up again).
-#[derive(Debug)]
+/// Clones share what they keep: the agent resolves with one, its client forgets with
+/// another.
+#[derive(Debug, Clone)]
 struct KeptAddresses {
-    kept: Mutex<HashMap<String, (Instant, ResolvedSocketAddrs)>>,
+    kept: Arc<Mutex<HashMap<String, (Instant, ResolvedSocketAddrs)>>>,
     keep_for: Duration,
 }
 
 impl Default for KeptAddresses {
     fn default() -> Self {
         KeptAddresses {
-            kept: Mutex::new(HashMap::new()),
+            kept: Arc::default(),
             keep_for: ADDRESSES_KEPT_FOR,
         }
-    }
-}
-
-/// The resolver an agent holds: its client's [`KeptAddresses`].
-#[derive(Debug)]
-struct SharedAddresses(Arc<KeptAddresses>);
-
-impl Resolver for SharedAddresses {
-    fn resolve(
-        &self,
-        uri: &Uri,
-        config: &Config,
-        timeout: NextTimeout,
-    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        self.0.resolve(uri, config, timeout)
     }
 }
 
@@ -331,7 +318,9 @@ impl KeptAddresses {
     fn forget_all(&self) {
         self.kept.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
+}
 
+impl Resolver for KeptAddresses {
     fn resolve(
         &self,
         uri: &Uri,
@@ -384,12 +373,9 @@ impl HttpClient {
             .max_idle_connections(config.max_connections.max(1) * 2)
             .max_idle_connections_per_host(config.max_connections.max(1))
             .build();
-        let addresses = Arc::new(KeptAddresses::default());
-        let agent = ureq::Agent::with_parts(
-            agent_config,
-            DefaultConnector::new(),
-            SharedAddresses(addresses.clone()),
-        );
+        let addresses = KeptAddresses::default();
+        let agent =
+            ureq::Agent::with_parts(agent_config, DefaultConnector::new(), addresses.clone());
         Ok(HttpClient {
             addresses,
             agent,
@@ -511,7 +497,7 @@ mod tests {
             per_read: None,
             per_write: None,
         };
-        let mut planted = SharedAddresses(Arc::default()).empty();
+        let mut planted = KeptAddresses::default().empty();
         planted.push("192.0.2.7:8080".parse().unwrap());
         let plant = |resolver: &KeptAddresses| {
             resolver.kept.lock().unwrap().insert(
