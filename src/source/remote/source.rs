@@ -326,6 +326,8 @@ enum Job {
     ReadAhead(Range<u64>),
     /// Bytes to put in the cache.
     Fill(Range<u64>),
+    /// The disk cache's eviction pass, which a reader's writes made due.
+    Evict,
 }
 
 struct Pool {
@@ -457,7 +459,23 @@ impl RemoteSource {
 
     /// Fetch the bytes `range` now, in requests as large as allowed.
     pub fn warm(&self, range: Range<u64>) -> io::Result<()> {
-        self.inner.fill(range, Mode::Need)
+        let result = self.inner.fill(range, Mode::Need);
+        self.evict_if_due();
+        result
+    }
+
+    /// Run the eviction pass this process's writes made due, if any: by a background
+    /// worker once serving has begun (no reader waits for it), else now.
+    fn evict_if_due(&self) {
+        let Some(disk) = &self.inner.disk else { return };
+        if !disk.cache().eviction_due() {
+            return;
+        }
+        match self.pool.get() {
+            // A full queue is no loss: the workers look after every job.
+            Some(pool) => drop(pool.jobs.try_send(Job::Evict)),
+            None => disk.cache().evict_if_due(),
+        }
     }
 
     /// Fetch the bytes `range` in the background (into the disk cache; without one, into
@@ -528,6 +546,9 @@ impl RemoteSource {
                     if let Err(e) = inner.obtain(start, (end - start) as usize, None, Mode::Need) {
                         *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                         return;
+                    }
+                    if let Some(disk) = &inner.disk {
+                        disk.cache().evict_if_due();
                     }
                     progress(done.fetch_add(end - start, Ordering::Relaxed) + end - start);
                 });
@@ -609,9 +630,13 @@ fn worker(inner: Weak<Inner>, jobs: Arc<Mutex<Receiver<Job>>>) {
         let result = match job {
             Job::ReadAhead(range) => inner.fill(range, Mode::Ahead),
             Job::Fill(range) => inner.fill(range, Mode::Need),
+            Job::Evict => Ok(()),
         };
         if let Err(e) = result {
             tracing::debug!("background fetch of {} failed: {e}", inner.meta.address);
+        }
+        if let Some(disk) = &inner.disk {
+            disk.cache().evict_if_due();
         }
     }
 }
@@ -1019,6 +1044,7 @@ impl ReadAt for RemoteSource {
         if let Some(ahead) = ahead {
             self.fetch_ahead(ahead);
         }
+        self.evict_if_due();
         Ok(())
     }
 
@@ -1054,6 +1080,7 @@ impl ReadAt for RemoteSource {
             None => range,
         };
         self.fetch_ahead(fetch);
+        self.evict_if_due();
     }
 }
 

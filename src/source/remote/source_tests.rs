@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use crate::source::remote::MemoryObject;
 
-use crate::source::remote::chunks::PAGE_SIZE;
+use crate::source::remote::chunks::{HEADER_LEN, PAGE_SIZE};
 
 const P: u64 = PAGE_SIZE as u64;
 /// Four pages a chunk.
@@ -625,4 +625,44 @@ fn letting_go_closes_the_kept_chunk_files_and_frees_the_spare_buffers() {
         read(&src, 10, 2 * CS as usize).unwrap(),
         f.data[10..10 + 2 * CS as usize]
     );
+}
+
+/// Reads past the disk cache's budget keep it within the budget (plus what one process
+/// writes between two passes): the pass their writes make due runs after the fetch, by the
+/// reader itself without workers, by a worker once serving.
+#[test]
+fn reads_past_the_budget_run_the_eviction_pass_after_their_fetch() {
+    for workers in [0, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let file_len = (HEADER_LEN + CS as usize) as u64;
+        let cache = ChunkCache::open(dir.path(), 16 * file_len).unwrap();
+        let data = bytes(64 * CS as usize, 3);
+        let object = Arc::new(MemoryObject::new(data.clone()));
+        let mut c = config();
+        c.workers = workers;
+        let src = Arc::new(RemoteSource::open(object, Some(cache.clone()), c).unwrap());
+        let reader = src.clone();
+        // From a thread other than the opener's: a serving thread, which starts workers.
+        std::thread::spawn(move || {
+            for k in 0..64 {
+                let at = k * CS as usize;
+                assert_eq!(
+                    read(&reader, at as u64, CS as usize).unwrap(),
+                    data[at..at + CS as usize]
+                );
+            }
+        })
+        .join()
+        .unwrap();
+        let held = || -> u64 { cache.usage().unwrap().iter().map(|o| o.bytes).sum() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while held() > 17 * file_len {
+            assert!(
+                Instant::now() < deadline,
+                "workers={workers}: {} bytes held",
+                held()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
