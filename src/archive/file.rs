@@ -129,19 +129,8 @@ impl Archive {
     /// decompressed fragment blocks ([`FRAGMENT_BYTES_KEPT`]).
     fn fragment_block(&self, index: u32) -> Result<Arc<Block>> {
         let (pos, word) = self.fragment_entry(index)?;
-        let key = CacheKey::Block {
-            kind: BlockKind::Fragment,
-            offset: pos,
-        };
-        let mut loaded = false;
-        let block = self
-            .cache
-            .get_or_load(&key, || {
-                loaded = true;
-                self.load_data_block(pos, word, self.sb.block_size as usize)
-                    .map(|b| Cached::Block(Arc::new(b)))
-            })?
-            .into_block()?;
+        let (block, loaded) =
+            self.data_block_loading(BlockKind::Fragment, pos, word, self.sb.block_size as usize)?;
         if loaded {
             let kept =
                 (FRAGMENT_BYTES_KEPT / u64::from(self.sb.block_size)).max(FRAGMENTS_KEPT_MIN);
@@ -182,13 +171,29 @@ impl Archive {
         word: u32,
         max: usize,
     ) -> Result<Arc<Block>> {
+        self.data_block_loading(kind, pos, word, max)
+            .map(|(block, _)| block)
+    }
+
+    /// [`Self::data_block`], and whether this call loaded it (it was not in the cache).
+    fn data_block_loading(
+        &self,
+        kind: BlockKind,
+        pos: u64,
+        word: u32,
+        max: usize,
+    ) -> Result<(Arc<Block>, bool)> {
         let key = CacheKey::Block { kind, offset: pos };
-        self.cache
+        let mut loaded = false;
+        let block = self
+            .cache
             .get_or_load(&key, || {
+                loaded = true;
                 self.load_data_block(pos, word, max)
                     .map(|b| Cached::Block(Arc::new(b)))
             })?
-            .into_block()
+            .into_block()?;
+        Ok((block, loaded))
     }
 
     /// Read and decompress one data block (no cache). Used by read-ahead too.
