@@ -703,16 +703,9 @@ pub struct ObjectChunks {
     meta: ObjectMeta,
     /// The object's directory; made again if an eviction pass removed it.
     dir: Mutex<Arc<OwnedFd>>,
-    /// Chunk files kept open, the most recently used last (at most [`KEPT_OPEN`]).
-    kept: Mutex<Vec<KeptChunk>>,
-}
-
-/// A chunk file kept open, with when it was last touched for eviction's sake.
-#[derive(Debug)]
-struct KeptChunk {
-    index: u64,
-    chunk: Arc<StoredChunk>,
-    touched: Instant,
+    /// Chunk files kept open, by index, the most recently used last (at most
+    /// [`KEPT_OPEN`]).
+    kept: Mutex<Vec<(u64, Arc<StoredChunk>)>>,
 }
 
 /// Which pages of a chunk a file holds: one bit each, [`MAX_PAGES`] at most.
@@ -960,16 +953,20 @@ impl ObjectChunks {
             }
         };
         let file = File::from(fd);
-        match self.verify_header(&file, index) {
-            Ok((present, sums, len)) => {
-                self.touch(&file);
-                Some(StoredChunk {
-                    file,
-                    present,
-                    sums,
-                    len,
-                })
-            }
+        let checked = fstat(file.as_fd())
+            .map_err(|e| e.to_string())
+            .and_then(|st| {
+                let header = self.verify_header(&file, &st, index)?;
+                self.touch(&file, &st);
+                Ok(header)
+            });
+        match checked {
+            Ok((present, sums, len)) => Some(StoredChunk {
+                file,
+                present,
+                sums,
+                len,
+            }),
             Err(why) => {
                 self.drop_damaged(index, &file, &why);
                 None
@@ -984,22 +981,17 @@ impl ObjectChunks {
     pub fn chunk_for(&self, index: u64, runs: &[Range<u32>]) -> Option<Arc<StoredChunk>> {
         {
             let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(at) = kept.iter().position(|k| k.index == index) {
+            if let Some(at) = kept.iter().position(|(i, _)| *i == index) {
+                let chunk = kept[at].1.clone();
                 // A file removed since (evicted, pruned) would keep its blocks taken.
-                let linked = fstat(kept[at].chunk.file.as_fd()).is_ok_and(|st| st.st_nlink > 0);
-                if linked
-                    && runs
-                        .iter()
-                        .all(|r| kept[at].chunk.present.covers(r.clone()))
-                {
-                    let mut k = kept.remove(at);
-                    if k.touched.elapsed() >= TOUCH_EVERY {
-                        self.touch(&k.chunk.file);
-                        k.touched = Instant::now();
+                let linked = fstat(chunk.file.as_fd()).ok().filter(|st| st.st_nlink > 0);
+                if let Some(st) = linked {
+                    if runs.iter().all(|r| chunk.present.covers(r.clone())) {
+                        self.touch(&chunk.file, &st);
+                        let used = kept.remove(at);
+                        kept.push(used);
+                        return Some(chunk);
                     }
-                    let chunk = k.chunk.clone();
-                    kept.push(k);
-                    return Some(chunk);
                 }
             }
         }
@@ -1016,16 +1008,12 @@ impl ObjectChunks {
     /// Keep `chunk` open as chunk `index` (`None`: keep nothing for it).
     fn keep(&self, index: u64, chunk: Option<Arc<StoredChunk>>) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        kept.retain(|k| k.index != index);
+        kept.retain(|(i, _)| *i != index);
         if let Some(chunk) = chunk {
             if kept.len() >= KEPT_OPEN {
                 kept.remove(0);
             }
-            kept.push(KeptChunk {
-                index,
-                chunk,
-                touched: Instant::now(),
-            });
+            kept.push((index, chunk));
         }
     }
 
@@ -1047,9 +1035,13 @@ impl ObjectChunks {
 
     /// The pages `file` holds, their checksums and the chunk's length, if its header is
     /// right for chunk `index` of this object.
-    fn verify_header(&self, file: &File, index: u64) -> Result<(PageSet, Vec<u64>, usize), String> {
+    fn verify_header(
+        &self,
+        file: &File,
+        st: &FileStat,
+        index: u64,
+    ) -> Result<(PageSet, Vec<u64>, usize), String> {
         let len = self.meta.chunk_len(index);
-        let st = fstat(file.as_fd()).map_err(|e| e.to_string())?;
         if st.st_uid != self.cache.uid {
             return Err(format!("owned by uid {}", st.st_uid));
         }
@@ -1085,8 +1077,9 @@ impl ObjectChunks {
         Ok((present, sums, len))
     }
 
-    fn touch(&self, file: &File) {
-        let Ok(st) = fstat(file.as_fd()) else { return };
+    /// Mark `file` (whose status is `st`) used now, unless it was within the last
+    /// [`TOUCH_EVERY`].
+    fn touch(&self, file: &File, st: &FileStat) {
         let now = now_ms() / 1000;
         if (st.st_mtime.max(0) as u64) + TOUCH_EVERY.as_secs() < now {
             let t = TimeSpec::UTIME_NOW;

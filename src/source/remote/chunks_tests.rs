@@ -255,7 +255,9 @@ fn at_most_a_few_chunk_files_are_kept_open() {
     let kept = chunks.kept.lock().unwrap();
     assert_eq!(kept.len(), KEPT_OPEN);
     // The most recently used.
-    assert!(kept.iter().all(|k| k.index >= 40 - KEPT_OPEN as u64));
+    assert!(kept
+        .iter()
+        .all(|(index, _)| *index >= 40 - KEPT_OPEN as u64));
     drop(kept);
     // An idle server lets go of them all.
     chunks.let_go_kept();
