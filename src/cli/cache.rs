@@ -70,7 +70,7 @@ pub fn run(cmd: &CacheCommand) -> Result<()> {
             };
             let cache = settings.open().map_err(cache_error)?;
             let report = cache
-                .evict_to(max.unwrap_or(settings.max_bytes), true)
+                .evict_to(max.unwrap_or(settings.max_bytes))
                 .map_err(cache_error)?;
             println!(
                 "{}: removed {} chunks ({} left of {}), {} unfinished fetches, {} images",

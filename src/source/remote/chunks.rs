@@ -512,7 +512,7 @@ impl ChunkCache {
     /// they have let go of the chunks they wrote, not while holding them.
     pub fn evict_if_due(&self) {
         if self.evict_due.swap(false, Ordering::Relaxed) {
-            if let Err(e) = self.evict_to(self.max_bytes - self.max_bytes / 16, false) {
+            if let Err(e) = self.evict_to(self.max_bytes - self.max_bytes / 16) {
                 tracing::warn!(
                     "cannot evict from the chunk cache {}: {e}",
                     self.path.display()
@@ -552,9 +552,10 @@ impl ChunkCache {
     }
 
     /// Remove the least recently used chunks until the cache holds at most `target`
-    /// bytes, and the debris of crashed fetches. Another process already evicting makes
-    /// this return at once, unless `wait` (then it waits up to a minute for it).
-    pub fn evict_to(&self, target: u64, wait: bool) -> io::Result<EvictReport> {
+    /// bytes, and the debris of crashed fetches. A pass already running (another process,
+    /// or another thread) is waited for, up to a minute: a pass returning at once would
+    /// miss what was written since that one looked.
+    pub fn evict_to(&self, target: u64) -> io::Result<EvictReport> {
         let lock_file = File::from(openat(
             &self.dir,
             "evict.lock",
@@ -569,11 +570,10 @@ impl ChunkCache {
                 FlockArg::LockExclusiveNonblock,
             ) {
                 Ok(l) => break l,
-                Err((f, Errno::EWOULDBLOCK)) if wait && Instant::now() < deadline => {
+                Err((f, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
                     lock_file = Some(f);
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err((_, Errno::EWOULDBLOCK)) if !wait => return Ok(EvictReport::default()),
                 Err((_, e)) => return Err(e.into()),
             }
         };

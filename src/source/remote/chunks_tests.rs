@@ -332,14 +332,14 @@ fn eviction_removes_the_least_recently_used_down_to_the_budget() {
     // Reading chunk 0 makes it the most recently used.
     assert!(read(&chunks, 0).is_some());
     let file_len = (HEADER_LEN + CS as usize) as u64;
-    let report = cache.evict_to(6 * file_len, true).unwrap();
+    let report = cache.evict_to(6 * file_len).unwrap();
     assert_eq!(report.bytes_before, 10 * file_len);
     assert_eq!(report.bytes_after, 6 * file_len);
     assert_eq!(report.removed_chunks, 4);
     let kept: Vec<u64> = (0..10).filter(|&i| chunks.contains(i)).collect();
     assert_eq!(kept, vec![0, 5, 6, 7, 8, 9]);
     // Everything: the object directory goes too, and comes back when written again.
-    cache.evict_to(0, true).unwrap();
+    cache.evict_to(0).unwrap();
     assert!(!cache.path().join(chunks.key_hex()).exists());
     put(&chunks, 3);
     assert_eq!(read(&chunks, 3).unwrap(), payload(3, CS as usize));
@@ -372,7 +372,7 @@ fn pruning_while_a_reader_holds_a_chunk_is_safe() {
     put(&chunks, 0);
     // A reader in the middle of reading chunk 0 holds it open.
     let held = chunks.open_chunk(0).unwrap();
-    cache.evict_to(0, true).unwrap();
+    cache.evict_to(0).unwrap();
     let mut out = Vec::new();
     held.read_pages(0..4, &mut out).unwrap();
     assert_eq!(out, payload(0, CS as usize), "the open chunk changed");
@@ -394,7 +394,7 @@ fn stale_claim_files_are_cleared_and_live_ones_kept() {
         panic!()
     };
     set_mtime(&objdir.join(part_name(2)), 3600);
-    let report = cache.evict_to(u64::MAX, true).unwrap();
+    let report = cache.evict_to(u64::MAX).unwrap();
     assert_eq!(report.removed_parts, 1);
     assert!(!objdir.join(part_name(1)).exists());
     assert!(objdir.join(part_name(2)).exists());
