@@ -547,9 +547,7 @@ impl RemoteSource {
                         *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                         return;
                     }
-                    if let Some(disk) = &inner.disk {
-                        disk.cache().evict_if_due();
-                    }
+                    self.evict_if_due();
                     progress(done.fetch_add(end - start, Ordering::Relaxed) + end - start);
                 });
             }

@@ -25,6 +25,15 @@ fn config() -> RemoteConfig {
     }
 }
 
+/// [`config`] without background workers: read-ahead and hints are fetched at once, by
+/// the reader, so what a test counts does not depend on timing.
+fn without_workers() -> RemoteConfig {
+    RemoteConfig {
+        workers: 0,
+        ..config()
+    }
+}
+
 fn bytes(len: usize, seed: u8) -> Vec<u8> {
     let mut x = seed as u32 | 1;
     (0..len)
@@ -97,9 +106,7 @@ fn reads_anywhere_return_the_object_bytes() {
 #[test]
 fn neighbouring_missing_pages_come_in_one_request_up_to_the_limit() {
     let f = fixture(20);
-    let mut c = config();
-    c.workers = 0;
-    let src = f.open(c);
+    let src = f.open(without_workers());
     assert_eq!(f.object.requests(), 1, "opening asks the version once");
     // Pages 8..=16 (chunks 2 to 4) in one read: one request, for those pages only.
     read(&src, 2 * CS as u64 + 10, 2 * CS as usize + 100).unwrap();
@@ -116,9 +123,7 @@ fn neighbouring_missing_pages_come_in_one_request_up_to_the_limit() {
 #[test]
 fn a_small_read_fetches_its_pages_not_its_chunk() {
     let f = fixture(20);
-    let mut c = config();
-    c.workers = 0;
-    let src = f.open(c);
+    let src = f.open(without_workers());
     // 100 bytes inside one page, then 100 bytes across two pages of another chunk.
     read(&src, 5 * CS as u64 + P + 7, 100).unwrap();
     assert_eq!(f.object.bytes_served(), P);
@@ -169,9 +174,7 @@ fn a_changed_object_is_never_mixed_with_the_old_one() {
 #[test]
 fn a_failed_fetch_is_an_error_and_the_next_read_recovers() {
     let f = fixture(10);
-    let mut c = config();
-    c.workers = 0;
-    let src = f.open(c);
+    let src = f.open(without_workers());
     read(&src, 0, 10).unwrap();
     f.object.fail_next([
         RemoteError::Transient("connection reset".into()),
@@ -248,9 +251,7 @@ fn without_a_disk_cache_memory_stays_within_its_budget() {
 #[test]
 fn a_sequential_reader_gets_what_follows_in_few_requests() {
     let f = fixture(64);
-    let mut c = config();
-    c.workers = 0;
-    let src = f.open(c);
+    let src = f.open(without_workers());
     for off in (0..f.data.len()).step_by(1024) {
         let n = 1024.min(f.data.len() - off);
         read(&src, off as u64, n).unwrap();
@@ -278,10 +279,8 @@ fn a_sequential_reader_gets_what_follows_in_few_requests() {
 #[test]
 fn read_ahead_hints_are_fetched_in_growing_requests() {
     let f = fixture(64);
-    let mut c = config();
     // Without workers the hints are fetched at once: the count does not depend on timing.
-    c.workers = 0;
-    let src = f.open(c);
+    let src = f.open(without_workers());
     let piece = 2 * P as usize;
     let mut off = 0;
     while off + 2 * piece <= f.data.len() {
@@ -310,9 +309,7 @@ fn read_ahead_hints_are_fetched_in_growing_requests() {
 #[test]
 fn read_ahead_writes_each_chunk_file_once() {
     let f = fixture(64);
-    let mut c = config();
-    c.workers = 0;
-    let src = f.open(c);
+    let src = f.open(without_workers());
     // Blocks of three pages, each hinted as the block after next is read.
     let block = 3 * P as usize;
     let mut off = 0;
@@ -484,9 +481,7 @@ fn fill_child() {
     });
     let want = std::fs::read(dir.join("object")).unwrap();
     let cache = ChunkCache::open(&dir.join("cache"), 1 << 30).unwrap();
-    let mut c = config();
-    c.workers = 0;
-    let src = RemoteSource::open(store, Some(cache), c).unwrap();
+    let src = RemoteSource::open(store, Some(cache), without_workers()).unwrap();
     // Both start together.
     while !dir.join("go").exists() {
         std::thread::sleep(Duration::from_millis(1));
@@ -606,9 +601,7 @@ fn a_full_disk_still_serves_every_read() {
 #[test]
 fn letting_go_closes_the_kept_chunk_files_and_frees_the_spare_buffers() {
     let f = fixture(8);
-    let mut c = config();
-    c.workers = 0;
-    let src = f.open(c);
+    let src = f.open(without_workers());
     assert_eq!(
         read(&src, 0, 3 * CS as usize).unwrap(),
         f.data[..3 * CS as usize]
