@@ -18,13 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use craft::{build, Node, Options, XattrBomb};
-use mount_util::hammer::peak_rss;
+use mount_util::hammer::assert_peak_within_budget;
 use mount_util::{require_mount, scratch, KernelMount, SifuseMount};
 use sifuse::source::CountingSource;
 use sifuse::{Archive, Error};
 
-/// The rule: peak RSS within the cache budget plus 96 MiB.
-const SLACK: u64 = 96 << 20;
 /// sifuse's default cache budget.
 const DEFAULT_CACHE: u64 = 64 << 20;
 
@@ -50,17 +48,6 @@ fn write_image(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 
 fn open(bytes: Vec<u8>, cache: u64) -> Archive {
     Archive::open(Arc::new(bytes), cache).unwrap()
-}
-
-fn assert_within_budget(pid: i32, cache: u64, what: &str) {
-    let rss = peak_rss(pid).expect("the daemon's VmHWM");
-    eprintln!("{what}: daemon peak RSS {} MiB", rss >> 20);
-    assert!(
-        rss <= cache + SLACK,
-        "{what}: the daemon peaked at {} MiB, over the {} MiB cache + 96 MiB",
-        rss >> 20,
-        cache >> 20
-    );
 }
 
 /// getxattr(2)/listxattr(2) on a path: the value or list, or the errno.
@@ -213,7 +200,7 @@ fn a_mounted_xattr_bomb_answers_within_the_budget() {
     assert_eq!(getxattr(&f, "user.x59999").unwrap(), vec![b'v'; 65536]);
     assert_eq!(listxattr(&f), Err(libc::E2BIG));
     assert_eq!(fs::read(&f).unwrap(), vec![0u8; 10]);
-    assert_within_budget(m.daemon_pid(), DEFAULT_CACHE, "xattr bomb");
+    assert_peak_within_budget(m.daemon_pid(), DEFAULT_CACHE, "xattr bomb");
 }
 
 #[test]
@@ -267,7 +254,7 @@ fn a_mounted_block_list_bomb_stays_within_the_budget() {
         f.read_exact_at(&mut b, (4096 << 22) - 4096).unwrap();
         assert_eq!(b, [0u8; 4096]);
     }
-    assert_within_budget(m.daemon_pid(), DEFAULT_CACHE, "block-list bomb");
+    assert_peak_within_budget(m.daemon_pid(), DEFAULT_CACHE, "block-list bomb");
 }
 
 /// Page through a listing the way readdir does, `page` entries per call, resuming at the
@@ -379,7 +366,7 @@ fn huge_directories_listed_at_once_stay_within_the_budget() {
         assert_eq!(l.join().unwrap(), N);
     }
     eprintln!("four listings of {N} entries in {:.1?}", started.elapsed());
-    assert_within_budget(
+    assert_peak_within_budget(
         m.daemon_pid(),
         DEFAULT_CACHE,
         "two directories of a million entries",
@@ -438,7 +425,7 @@ fn more_nodes_than_the_table_holds_keep_their_inode_numbers() {
         assert_eq!(fs::metadata(&p).unwrap().ino(), *ino);
         assert_eq!(fs::read(&p).unwrap(), b"");
     }
-    assert_within_budget(m.daemon_pid(), 1 << 20, "20,000 nodes, no export table");
+    assert_peak_within_budget(m.daemon_pid(), 1 << 20, "20,000 nodes, no export table");
 }
 
 use std::os::unix::fs::DirEntryExt;

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::fixtures::fixtures;
-use mount_util::hammer::{peak_rss, read_tree};
-use mount_util::images::{pack, random_bytes, random_data_image};
+use mount_util::hammer::{assert_peak_within_budget, peak_rss, read_tree};
+use mount_util::images::{pack, random_bytes, random_data_image, read_spread};
 use mount_util::{
     assert_no_differences, compare_views, require_mount, scratch, wait_for, KernelMount,
     SifuseMount,
@@ -173,25 +173,12 @@ fn cache_size_bounds_memory_under_load() {
         let readers: Vec<_> = (0..8)
             .map(|r| {
                 let mnt = m.mountpoint.clone();
-                std::thread::spawn(move || {
-                    let file = fs::File::open(mnt.join(format!("r{}.bin", r % 6))).unwrap();
-                    let mut buf = vec![0u8; 64 << 10];
-                    for i in 0..128u64 {
-                        let at = ((i * 7 + r) % 128) * (64 << 10);
-                        file.read_exact_at(&mut buf, at).unwrap();
-                    }
-                })
+                std::thread::spawn(move || read_spread(&mnt.join(format!("r{}.bin", r % 6)), r, 7))
             })
             .collect();
         for r in readers {
             r.join().unwrap();
         }
-        let peak = peak_rss(pid).unwrap();
-        eprintln!("cache_size={cache_mib}: peak RSS {} MiB", peak >> 20);
-        assert!(
-            peak <= (cache_mib + 96) << 20,
-            "cache_size={cache_mib} MiB, yet a peak of {} MiB",
-            peak >> 20
-        );
+        assert_peak_within_budget(pid, cache_mib << 20, &format!("cache_size={cache_mib}"));
     }
 }

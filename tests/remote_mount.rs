@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::fixtures::fixtures;
-use mount_util::hammer::peak_rss;
-use mount_util::images::random_data_image;
+use mount_util::hammer::assert_peak_within_budget;
+use mount_util::images::{random_data_image, read_spread};
 use mount_util::{
     assert_no_differences, compare_views, require_mount, scratch, wrap_in_sif, KernelMount,
     SifuseMount, ViewExceptions,
@@ -228,13 +228,7 @@ fn a_remote_mount_stays_within_its_memory_budget() {
                         fs::read(&file).unwrap();
                     } else {
                         // 64 KiB here and there.
-                        use std::os::unix::fs::FileExt;
-                        let f = fs::File::open(&file).unwrap();
-                        let mut buf = vec![0u8; 64 << 10];
-                        for i in 0..128u64 {
-                            let at = ((i * 37 + r) % 128) * (64 << 10);
-                            f.read_exact_at(&mut buf, at).unwrap();
-                        }
+                        read_spread(&file, r, 37);
                     }
                 })
             })
@@ -242,13 +236,7 @@ fn a_remote_mount_stays_within_its_memory_budget() {
         for r in readers {
             r.join().unwrap();
         }
-        let peak = peak_rss(pid).unwrap();
-        eprintln!("{what}: peak RSS {} MiB", peak >> 20);
-        assert!(
-            peak <= (4 + 96) << 20,
-            "{what}: cache_size=4 MiB, yet a peak of {} MiB",
-            peak >> 20
-        );
+        assert_peak_within_budget(pid, 4 << 20, what);
     }
 }
 

@@ -168,6 +168,22 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// What a server may use beyond its `cache_size`, whatever the image.
+pub const MEMORY_SLACK: u64 = 96 << 20;
+
+/// Assert that the server `pid` peaked within `cache` bytes + [`MEMORY_SLACK`]; `what`
+/// names the case in the message.
+pub fn assert_peak_within_budget(pid: i32, cache: u64, what: &str) {
+    let rss = peak_rss(pid).expect("the daemon's VmHWM");
+    eprintln!("{what}: daemon peak RSS {} MiB", rss >> 20);
+    assert!(
+        rss <= cache + MEMORY_SLACK,
+        "{what}: the daemon peaked at {} MiB, over the {} MiB cache + 96 MiB",
+        rss >> 20,
+        cache >> 20
+    );
+}
+
 /// A process's peak resident set (VmHWM) in bytes.
 pub fn peak_rss(pid: i32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

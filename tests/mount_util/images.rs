@@ -1,6 +1,7 @@
 //! Images the memory tests build: incompressible data, which a read cannot skim.
 
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -38,4 +39,16 @@ pub fn random_data_image(dir: &Path) -> PathBuf {
         fs::write(src.join(format!("r{f}.bin")), random_bytes(&mut x, 8 << 20)).unwrap();
     }
     pack(&src, "random.sqfs")
+}
+
+/// 128 reads of 64 KiB spread over `file`, one of [`random_data_image`]'s: the `i`th at
+/// 64 KiB block `(i * stride + seed) % 128`, so readers with different seeds or strides
+/// meet in different orders.
+pub fn read_spread(file: &Path, seed: u64, stride: u64) {
+    let f = fs::File::open(file).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    for i in 0..128u64 {
+        let at = ((i * stride + seed) % 128) * (64 << 10);
+        f.read_exact_at(&mut buf, at).unwrap();
+    }
 }
